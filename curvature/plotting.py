@@ -1,0 +1,59 @@
+"""Drawing helpers shared by the analyses and ``paper_figures/``: stems, histograms, densities.
+
+They only draw what they are given; nothing here computes a spectrum.
+"""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: figures are files
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def stem(ax, nodes, weights, title: str | None = None, color: str = "tab:red") -> None:
+    """Stem plot of a discrete spectral measure: one stem per node, height = weight."""
+    nodes, weights = np.asarray(nodes, dtype=float), np.asarray(weights, dtype=float)
+    keep = weights > 0
+    markerline, stemlines, baseline = ax.stem(nodes[keep], weights[keep], basefmt=" ")
+    plt.setp(stemlines, color=color, linewidth=1.2)
+    plt.setp(markerline, color=color, markersize=3)
+    ax.set_xlabel("eigenvalue")
+    ax.set_ylabel("weight")
+    if title:
+        ax.set_title(title, fontsize=9)
+
+
+def histogram(ax, values=None, bins: int = 60, value_range=None, density_curve=None, atom=None,
+              title: str | None = None, color: str = "tab:blue", label: str | None = None,
+              edges=None, heights=None) -> None:
+    """Density histogram of values (or of precomputed ``edges``/``heights``), with an optional
+    analytic density curve ``(x, y)`` and an atom ``(position, mass)`` drawn as an arrow-less stem."""
+    if edges is None:
+        heights, edges = np.histogram(np.asarray(values, dtype=float), bins=bins, range=value_range,
+                                      density=True)
+    ax.bar(edges[:-1], heights, width=np.diff(edges), align="edge", color=color, alpha=0.6,
+           label=label or "histogram")
+    if density_curve is not None:
+        ax.plot(np.asarray(density_curve[0]), np.asarray(density_curve[1]), color="k", lw=1.2,
+                label="analytic density")
+    if atom is not None and atom[1] > 0:
+        ax.annotate(f"atom at {atom[0]:g}: mass {atom[1]:.2f}", xy=(atom[0], 0), xycoords="data",
+                    xytext=(0.35, 0.9), textcoords="axes fraction", fontsize=7,
+                    arrowprops={"arrowstyle": "->", "lw": 0.6})
+    ax.set_xlabel("eigenvalue")
+    ax.set_ylabel("density")
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+
+
+def panel_grid(num_panels: int, width: float = 3.4, height: float = 2.8):
+    """A row (or 2 x 2 for four panels, as in the paper) of axes."""
+    if num_panels == 4:
+        fig, axes = plt.subplots(2, 2, figsize=(2 * width, 2 * height))
+        return fig, list(axes.flat)
+    fig, axes = plt.subplots(1, num_panels, figsize=(width * num_panels, height), squeeze=False)
+    return fig, list(axes.flat)

@@ -1,0 +1,1 @@
+"""Paper figure scripts: each reads saved results of its preset's runs and draws, never computes."""

@@ -1,0 +1,48 @@
+"""Shared fixtures: composed configs pointed at tmp_path, and the devices to test on."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+# CUDA is appended when present, so a GPU machine gets GPU coverage of the same tests for free.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def make_cfg(tmp_path: Path, overrides: list[str]):
+    """Compose conf/config.yaml with overrides, no W&B unless asked, outputs in tmp_path."""
+    overrides = list(overrides)
+    if not any(o.startswith("logger=") for o in overrides):
+        overrides.append("logger=none")
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    with open_dict(cfg):
+        cfg.output_dir = str(tmp_path)
+    return cfg
+
+
+@pytest.fixture
+def cfg_factory(tmp_path):
+    def factory(*overrides: str, subdir: str = "run"):
+        return make_cfg(tmp_path / subdir, list(overrides))
+    return factory
+
+
+def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``python -m experiments.run`` in a subprocess, as a user would."""
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run([sys.executable, "-m", "experiments.run", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
