@@ -41,7 +41,7 @@ def histogram(ax, values=None, bins: int = 60, value_range=None, density_curve=N
                 label="analytic density")
     if atom is not None and atom[1] > 0:
         ax.annotate(f"atom at {atom[0]:g}: mass {atom[1]:.2f}", xy=(atom[0], 0), xycoords="data",
-                    xytext=(0.35, 0.9), textcoords="axes fraction", fontsize=7,
+                    xytext=(0.3, 0.6), textcoords="axes fraction", fontsize=7,
                     arrowprops={"arrowstyle": "->", "lw": 0.6})
     ax.set_xlabel("eigenvalue")
     ax.set_ylabel("density")

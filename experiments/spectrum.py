@@ -106,15 +106,20 @@ def _record(run: Run, s: dict, problem, result, measures, exact, diagonal) -> No
         low, high = problem.edges
         if problem.atom_at_zero > 0:
             low = min(low, 0.0)
-        slack = tol["support"] * max(abs(low), abs(high))
         run.metric("analytic_edge_low", low)
         run.metric("analytic_edge_high", high)
+        scale = max(abs(low), abs(high))
         for m, measure in measures.items():
             lo, hi = measure.support()
-            miss = max(abs(lo - low), abs(hi - high))
-            run.check(f"support_m{m}", miss / max(abs(low), abs(high)),
-                      f"stem extremes within {tol['support']:.0%} of the edges [{low:.4g}, {high:.4g}]",
-                      miss <= slack)
+            outside = max(low - lo, hi - high, 0.0) / scale
+            run.metric(f"edge_gap_m{m}", max(abs(lo - low), abs(hi - high)) / scale)
+            run.check(f"support_m{m}", outside,
+                      f"stems inside the edges [{low:.4g}, {high:.4g}] +- {tol['support']:.0%}",
+                      outside <= tol["support"])
+        lo, hi = measures[final].support()
+        gap = max(abs(lo - low), abs(hi - high)) / scale
+        run.check(f"edge_reach_m{final}", gap,
+                  f"extreme stems within {tol['support']:.0%} of both edges", gap <= tol["support"])
 
     if problem.atom_at_zero > 0:
         near = tol["zero_node"] * rho
