@@ -160,7 +160,8 @@ def lanczos(matvec: Matvec, dim: int, num_steps: int, num_vectors: int = 1,
                      "threshold; Ritz values multiplied back by s")
 
     max_iter = min(num_steps + 1, dim)
-    bar = tqdm(total=max_iter, desc="Lanczos", unit="step", disable=not progress, leave=False)
+    bar = tqdm(total=max_iter, desc="Lanczos", unit="step", leave=False,
+                disable=None if progress else True)  # None: only on a terminal
     tol = 1e-12 if dtype == torch.float64 else 1e-6
 
     def run_batch(columns: list[int]):

@@ -36,8 +36,8 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
     checks = results.get("checks", {})
     failed = [name for name, c in checks.items() if not c["passed"]]
-    verdict = f"{len(checks) - len(failed)}/{len(checks)} checks passed" + \
-        (f" (failed: {', '.join(failed)})" if failed else "")
+    verdict = (f"{len(checks) - len(failed)}/{len(checks)} checks passed" +
+               (f" (failed: {', '.join(failed)})" if failed else "")) if checks else "done"
     print(f"{results['run_name']}: {verdict}; results in {cfg.output_dir}/results.json")
     for name in results.get("files", {}).get("figures", []):
         if name.endswith(".png"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from curvature.errors import SuiteError
 
@@ -23,13 +24,17 @@ _MISSING = object()
 
 def get(cfg: DictConfig, key: str, default: Any = _MISSING) -> Any:
     """The value at a dotted key as plain Python; a missing or ``???`` key without default fails."""
-    value = OmegaConf.select(cfg, key, default=_MISSING)
+    try:
+        value = OmegaConf.select(cfg, key, default=_MISSING)
+        if isinstance(value, (DictConfig, ListConfig)):
+            value = OmegaConf.to_container(value, resolve=True)
+    except OmegaConfBaseException as error:
+        reason = str(error).strip().splitlines()[0]
+        raise ConfigError(key, "<unresolved>", f"cannot be resolved ({reason})", f"{key}=<value>") from None
     if value is _MISSING:
         if default is not _MISSING:
             return default
         raise ConfigError(key, None, "this key is required but not set", f"{key}=<value>")
-    if isinstance(value, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(value, resolve=True)
     return value
 
 

@@ -46,3 +46,19 @@ def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 300) -> subprocess.Comp
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0"}
     return subprocess.run([sys.executable, "-m", "experiments.run", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def fake_cifar10(tmp_path_factory):
+    from curvature.data import write_fake_cifar
+    root = tmp_path_factory.mktemp("cifar10")
+    write_fake_cifar(root, "cifar10", num_train=200, num_test=100, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def fake_cifar100(tmp_path_factory):
+    from curvature.data import write_fake_cifar
+    root = tmp_path_factory.mktemp("cifar100")
+    write_fake_cifar(root, "cifar100", num_train=200, num_test=100, seed=0)
+    return root

@@ -15,14 +15,26 @@ from experiments.run import dispatch
 from tests.conftest import CONF, make_cfg
 
 PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+# How each preset is shrunk for a smoke run on 2 CPU cores (same code paths, smaller sizes).
+SMOKE = {
+    "fig2": ["dataset.n=200"], "fig3": ["dataset.n=200"], "fig4": ["dataset.n=200"],
+    "fig6": ["dataset.n=200"],
+    "train_digits": ["analysis.epochs=1"],
+    "train_vgg16_cifar100": ["dataset.data_dir={fake_cifar100}", "model.width=0.0625", "analysis.epochs=1"],
+}
+
+
+def test_every_preset_has_a_smoke_setting():
+    assert set(PRESETS) == set(SMOKE)
 
 
 @pytest.mark.parametrize("preset", PRESETS)
-def test_every_preset_runs_and_writes_complete_results(preset, tmp_path):
-    cfg = make_cfg(tmp_path, [f"experiment={preset}", "dataset.n=200"])
+def test_every_preset_runs_and_writes_complete_results(preset, tmp_path, fake_cifar100):
+    overrides = [o.format(fake_cifar100=fake_cifar100) for o in SMOKE[preset]]
+    cfg = make_cfg(tmp_path, [f"experiment={preset}", *overrides])
     results = dispatch(cfg)
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["experiment"] == preset and saved["metrics"] and saved["checks"]
+    assert saved["experiment"] == preset and saved["metrics"]
     assert saved["config"]["experiment_id"] == preset
     assert saved["provenance"]["commit"] and saved["provenance"]["packages"]["torch"]
     assert set(saved["checks"]) == set(results["checks"])
@@ -30,9 +42,12 @@ def test_every_preset_runs_and_writes_complete_results(preset, tmp_path):
         assert set(check) == {"value", "target", "passed"}
     for name in saved["files"]["figures"]:
         assert (tmp_path / name).stat().st_size > 1000
-    assert {"spectrum.png", "spectrum.pdf"} <= set(saved["files"]["figures"])
-    with np.load(tmp_path / "arrays.npz") as arrays:
-        assert arrays["ritz_values"].shape[-1] == cfg.analysis.num_steps
+    assert any(f.endswith(".png") for f in saved["files"]["figures"])
+    assert any(f.endswith(".pdf") for f in saved["files"]["figures"])
+    if saved["analysis"] == "spectrum":
+        assert saved["checks"]
+        with np.load(tmp_path / "arrays.npz") as arrays:
+            assert arrays["ritz_values"].shape[-1] == cfg.analysis.num_steps
     assert not list(Path(tmp_path).glob(".staging-*"))
 
 

@@ -1,0 +1,158 @@
+"""Training and evaluation of classifiers on device-resident data (the paper's Sec. 7 recipe).
+
+Randomness is re-seeded at every epoch from ``(seed, epoch)`` (data order, augmentation, dropout), so
+a run resumed from the checkpoint written after epoch ``e`` ends with the same weights as an
+uninterrupted run: the checkpoint holds everything else (model, optimiser, SWA state).
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from curvature.errors import NumericalError, SuiteError
+from curvature.io import torch_save_atomic
+from curvature.seeding import stream_seed
+
+
+def linear_decay_factor(epoch: int, epochs: int, final_ratio: float = 0.01) -> float:
+    """The original package's schedule: with t = epoch / epochs, 1 for t <= 0.5, then linear down
+    to ``final_ratio`` at t = 0.9, then ``final_ratio``."""
+    t = epoch / epochs
+    if t <= 0.5:
+        return 1.0
+    if t <= 0.9:
+        return 1.0 - (1.0 - final_ratio) * (t - 0.5) / 0.4
+    return final_ratio
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def seed_epoch(seed: int, epoch: int, device: torch.device) -> torch.Generator:
+    """Seed dropout (the global RNG) and return the data-order/augmentation generator for ``epoch``."""
+    torch.manual_seed(stream_seed(seed, f"train.dropout.{epoch}"))
+    gen = torch.Generator(device=device)
+    gen.manual_seed(stream_seed(seed, f"train.data.{epoch}"))
+    return gen
+
+
+def _topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> int:
+    k = min(k, logits.shape[-1])
+    top = logits.topk(k, dim=-1).indices
+    return int((top == labels.unsqueeze(-1)).any(-1).sum())
+
+
+def train_epoch(model: torch.nn.Module, data, optimizer: torch.optim.Optimizer, batch_size: int,
+                generator: torch.Generator, augment: bool, dtype: torch.dtype = torch.float32,
+                loss_fn: Callable = F.cross_entropy, epoch: int = 0, progress: bool = True,
+                after_step: Optional[Callable[[], None]] = None) -> dict:
+    """One pass over ``data`` (an ``ImageData``) in shuffled mini-batches; returns loss / accuracies."""
+    model.train()
+    total_loss, correct, top5, seen = 0.0, 0, 0, 0
+    start = time.perf_counter()
+    num_batches = math.ceil(len(data) / batch_size)
+    batches = data.batches(batch_size, shuffle=True, augment=augment, generator=generator, dtype=dtype)
+    for index, (inputs, labels) in enumerate(tqdm(batches, total=num_batches, desc=f"epoch {epoch}",
+                                                  unit="batch", leave=False, disable=None if progress else True)):
+        optimizer.zero_grad(set_to_none=True)
+        logits = model(inputs)
+        loss = loss_fn(logits, labels)
+        if not torch.isfinite(loss):
+            raise NumericalError(f"training loss is {float(loss.detach())} at epoch {epoch}, batch {index}: "
+                                 "lower the learning rate (optimizer.lr) or check the data")
+        loss.backward()
+        optimizer.step()
+        if after_step is not None:
+            after_step()
+        n = labels.shape[0]
+        total_loss += float(loss.detach()) * n
+        correct += _topk_correct(logits.detach(), labels, 1)
+        top5 += _topk_correct(logits.detach(), labels, 5)
+        seen += n
+    elapsed = time.perf_counter() - start
+    return {"loss": total_loss / seen, "accuracy": correct / seen, "top5_accuracy": top5 / seen,
+            "time_s": elapsed, "images_per_s": seen / elapsed if elapsed > 0 else float("nan")}
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data, batch_size: int = 1000, dtype: torch.dtype = torch.float32,
+             loss_fn: Callable = F.cross_entropy) -> dict:
+    """Mean loss and top-1 / top-5 accuracy over ``data`` in eval mode (BatchNorm running stats)."""
+    was_training = model.training
+    model.eval()
+    total_loss, correct, top5, seen = 0.0, 0, 0, 0
+    for inputs, labels in data.batches(batch_size, dtype=dtype):
+        logits = model(inputs)
+        n = labels.shape[0]
+        total_loss += float(loss_fn(logits, labels, reduction="sum"))
+        correct += _topk_correct(logits, labels, 1)
+        top5 += _topk_correct(logits, labels, 5)
+        seen += n
+    model.train(was_training)
+    return {"loss": total_loss / seen, "accuracy": correct / seen, "top5_accuracy": top5 / seen}
+
+
+def weight_norms(model: torch.nn.Module) -> dict:
+    """L2 norm of all parameters together and their largest absolute entry."""
+    params = [p.detach().flatten() for p in model.parameters()]
+    flat = torch.cat(params) if params else torch.zeros(1)
+    return {"weight_l2": float(flat.norm()), "weight_linf": float(flat.abs().max())}
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """CUDA peak allocated on GPU; the process's peak resident set size on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+# --- checkpoints --------------------------------------------------------------------------------
+def checkpoint_name(epoch: int) -> str:
+    return f"checkpoint-{epoch:05d}.pt"
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Atomic ``torch.save``: a killed run never leaves half a checkpoint."""
+    torch_save_atomic(path, state)
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module,
+                    optimizer: Optional[torch.optim.Optimizer] = None,
+                    map_location="cpu") -> dict:
+    """Load a checkpoint written by :func:`save_checkpoint` into ``model`` (and ``optimizer``).
+
+    A missing, unreadable or ill-fitting file raises a one-line ``SuiteError`` naming it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SuiteError(f"checkpoint {path} does not exist: give the path of a checkpoint-XXXXX.pt "
+                         "file written by analysis=train")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as error:  # noqa: BLE001 - any unpickling failure means an unreadable file
+        raise SuiteError(f"checkpoint {path} cannot be read ({type(error).__name__}): "
+                         "the file is corrupt or not a checkpoint") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise SuiteError(f"checkpoint {path} holds no model state: it was not written by analysis=train")
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()
+        detail = next((line.strip() for line in first[1:] if line.strip()), first[0] if first else "")
+        raise SuiteError(f"checkpoint {path} does not fit the chosen model ({detail}): choose the "
+                         "model, width and dataset it was trained with") from None
+    if optimizer is not None and state.get("optimizer") is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    return state

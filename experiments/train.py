@@ -1,0 +1,195 @@
+"""``analysis=train``: train a network with checkpoints, per-epoch statistics and SWA.
+
+    python -m experiments.run experiment=train_digits                 # CPU, ~30 s, >= 90% test acc
+    python -m experiments.run experiment=train_vgg16_cifar100         # the paper's recipe (GPU)
+    python -m experiments.run experiment=train_digits resume=outputs/.../checkpoint-00010.pt
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from torch.optim.swa_utils import AveragedModel, update_bn
+
+from curvature import plotting
+from curvature.data import load_splits
+from curvature.models import build_model, count_parameters
+from curvature.optim import build_optimizer
+from curvature.training import (checkpoint_name, evaluate, linear_decay_factor, load_checkpoint,
+                                peak_memory_bytes, save_checkpoint, seed_epoch, set_lr, train_epoch,
+                                weight_norms)
+from experiments import validate as V
+from experiments.runtime import Run
+
+IMAGE_DATASETS = ("cifar10", "cifar100", "digits")
+
+
+def validate_image_dataset(cfg: DictConfig) -> dict:
+    name = V.get(cfg, "dataset.name")
+    if name not in IMAGE_DATASETS:
+        raise V.ConfigError("dataset", name, f"this analysis needs an image dataset: "
+                            f"{', '.join(IMAGE_DATASETS)}", "dataset=digits")
+    num = V.get(cfg, "dataset.num_subsamples", None)
+    if num is not None:
+        num = V.positive_int(cfg, "dataset.num_subsamples", "dataset.num_subsamples=5000")
+    return {"name": name, "data_dir": V.get(cfg, "dataset.data_dir", None),
+            "download": V.boolean(cfg, "dataset.download"),
+            "val_size": V.integer(cfg, "dataset.val_size", minimum=0, example="dataset.val_size=0"),
+            "num_subsamples": num, "augment": V.boolean(cfg, "dataset.augment")}
+
+
+def validate_model(cfg: DictConfig) -> dict:
+    model = V.get(cfg, "model", None)
+    if not isinstance(model, dict) or not model.get("name"):
+        raise V.ConfigError("model", model, "choose a network", "model=cnn")
+    if "width" in model:
+        V.positive_number(cfg, "model.width", "model.width=0.25")
+    return model
+
+
+def validate(cfg: DictConfig) -> dict:
+    dataset = validate_image_dataset(cfg)  # first: other keys interpolate from it
+    epochs = V.positive_int(cfg, "analysis.epochs", "analysis.epochs=20")
+    optimizer = V.get(cfg, "optimizer")
+    V.positive_number(cfg, "optimizer.lr", "optimizer.lr=0.05")
+    for key in ("momentum", "weight_decay"):
+        if key in optimizer:
+            V.number(cfg, f"optimizer.{key}", minimum=0, example=f"optimizer.{key}=0.0")
+    swa = {"enabled": V.boolean(cfg, "analysis.swa.enabled")}
+    if swa["enabled"]:
+        swa["start"] = V.integer(cfg, "analysis.swa.start", 0, epochs - 1, f"analysis.swa.start={epochs // 2}")
+        swa["lr"] = V.positive_number(cfg, "analysis.swa.lr", "analysis.swa.lr=0.05")
+        swa["bn_update"] = V.boolean(cfg, "analysis.swa.bn_update")
+    resume = V.get(cfg, "resume", None)
+    if resume is not None and not Path(str(resume)).is_file():
+        raise V.ConfigError("resume", resume, "no such checkpoint file", "resume=outputs/<run>/checkpoint-00010.pt")
+    return {
+        "epochs": epochs,
+        "batch_size": V.positive_int(cfg, "analysis.batch_size", "analysis.batch_size=128"),
+        "eval_batch_size": V.positive_int(cfg, "analysis.eval_batch_size", "analysis.eval_batch_size=1000"),
+        "schedule": V.choice(cfg, "analysis.schedule", ["linear", "constant"]),
+        "lr_final_ratio": V.number(cfg, "analysis.lr_final_ratio", 0, 1, strict_minimum=True,
+                                   example="analysis.lr_final_ratio=0.01"),
+        "save_freq": V.positive_int(cfg, "analysis.save_freq", "analysis.save_freq=25"),
+        "target_test_accuracy": None if V.get(cfg, "analysis.target_test_accuracy", None) is None else
+        V.number(cfg, "analysis.target_test_accuracy", 0, 1, example="analysis.target_test_accuracy=0.9"),
+        "swa": swa, "optimizer": optimizer, "model": validate_model(cfg),
+        "dataset": dataset, "resume": resume,
+    }
+
+
+def learning_rate(s: dict, epoch: int) -> float:
+    base = s["optimizer"]["lr"]
+    if s["schedule"] == "constant":
+        return base
+    if s["swa"]["enabled"]:  # decay to the SWA rate by swa.start, then hold it (Izmailov et al.)
+        return base * linear_decay_factor(epoch, s["swa"]["start"], s["swa"]["lr"] / base)
+    return base * linear_decay_factor(epoch, s["epochs"], s["lr_final_ratio"])
+
+
+def run(cfg: DictConfig) -> dict:
+    with Run(cfg, "train", validate=validate) as run:
+        s = run.settings
+        d = s["dataset"]
+        splits = load_splits(d["name"], d["data_dir"], device=run.device, download=d["download"],
+                             val_size=d["val_size"], num_subsamples=d["num_subsamples"], seed=run.seed)
+        model = build_model(s["model"], splits.num_classes, splits.in_channels, splits.input_size)
+        model = model.to(device=run.device, dtype=run.dtype)
+        optimizer = build_optimizer(s["optimizer"], model.parameters())
+        swa_model = AveragedModel(model) if s["swa"]["enabled"] else None
+        history, start = [], 0
+        if s["resume"]:
+            state = load_checkpoint(s["resume"], model, optimizer, map_location=run.device)
+            start, history = int(state["epoch"]), list(state.get("history", []))
+            if swa_model is not None and state.get("swa_model") is not None:
+                swa_model.load_state_dict(state["swa_model"])
+            run.note(f"resumed from {s['resume']} after epoch {start}")
+        run.metric("num_parameters", count_parameters(model))
+
+        checkpoints = []
+        for epoch in range(start, s["epochs"]):
+            lr = learning_rate(s, epoch)
+            set_lr(optimizer, lr)
+            generator = seed_epoch(run.seed, epoch, run.device)
+            if run.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(run.device)
+            train = train_epoch(model, splits.train, optimizer, s["batch_size"], generator,
+                                augment=d["augment"], dtype=run.dtype, epoch=epoch + 1)
+            if swa_model is not None and epoch >= s["swa"]["start"]:
+                swa_model.update_parameters(model)
+            test = evaluate(model, splits.test, s["eval_batch_size"], run.dtype)
+            row = {"epoch": epoch + 1, "lr": lr, "train_loss": train["loss"],
+                   "train_accuracy": train["accuracy"], "train_top5_accuracy": train["top5_accuracy"],
+                   "test_loss": test["loss"], "test_accuracy": test["accuracy"],
+                   "test_top5_accuracy": test["top5_accuracy"], "epoch_time_s": train["time_s"],
+                   "images_per_s": train["images_per_s"],
+                   "peak_memory_bytes": peak_memory_bytes(run.device), **weight_norms(model)}
+            if splits.val is not None:
+                val = evaluate(model, splits.val, s["eval_batch_size"], run.dtype)
+                row.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
+            history.append(row)
+            run.log({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+            print(f"epoch {epoch + 1}/{s['epochs']}: train loss {train['loss']:.4f} acc "
+                  f"{train['accuracy']:.3f} | test loss {test['loss']:.4f} acc {test['accuracy']:.3f} | "
+                  f"{train['images_per_s']:.0f} img/s", flush=True)
+            if (epoch + 1) % s["save_freq"] == 0 or epoch + 1 == s["epochs"]:
+                path = run.out_dir / checkpoint_name(epoch + 1)
+                save_checkpoint(path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                       "epoch": epoch + 1, "config": run.config, "history": history,
+                                       "swa_model": swa_model.state_dict() if swa_model else None})
+                checkpoints.append(path.name)
+
+        if not history:
+            raise V.ConfigError("analysis.epochs", s["epochs"], f"the checkpoint already reached epoch {start}",
+                                f"analysis.epochs={start + 1}")
+        last = history[-1]
+        for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "test_top5_accuracy",
+                    "images_per_s", "peak_memory_bytes", "weight_l2", "weight_linf"):
+            run.metric(key, last[key])
+        run.metric("epochs_run", s["epochs"] - start)
+        run.metric("mean_images_per_s", sum(r["images_per_s"] for r in history) / len(history))
+        if s["target_test_accuracy"] is not None:
+            run.check("test_accuracy", last["test_accuracy"], f">= {s['target_test_accuracy']}",
+                      last["test_accuracy"] >= s["target_test_accuracy"])
+        if swa_model is not None and swa_model.n_averaged.item() > 0:
+            _finish_swa(run, s, splits, swa_model)
+        run.table("epochs", history)
+        run.figure(_curves(history), "training_curves")
+        return run.finish(checkpoints=checkpoints, num_parameters=count_parameters(model))
+
+
+def _finish_swa(run: Run, s: dict, splits, swa_model: AveragedModel) -> None:
+    if s["swa"]["bn_update"]:
+        update_bn((x for x, _ in splits.train.batches(s["batch_size"], dtype=run.dtype)), swa_model,
+                  device=run.device)
+    test = evaluate(swa_model.module, splits.test, s["eval_batch_size"], run.dtype)
+    train = evaluate(swa_model.module, splits.train, s["eval_batch_size"], run.dtype)
+    run.metric("swa_test_loss", test["loss"])
+    run.metric("swa_test_accuracy", test["accuracy"])
+    run.metric("swa_train_loss", train["loss"])
+    run.metric("swa_train_accuracy", train["accuracy"])
+    run.metric("swa_models_averaged", float(swa_model.n_averaged))
+    path = run.out_dir / "checkpoint-swa.pt"
+    save_checkpoint(path, {"model": swa_model.module.state_dict(), "optimizer": None,
+                           "epoch": s["epochs"], "config": run.config, "swa": True})
+
+
+def _curves(history: list[dict]):
+    fig, axes = plotting.panel_grid(3)
+    epochs = [r["epoch"] for r in history]
+    for ax, key, label in ((axes[0], "loss", "loss"), (axes[1], "accuracy", "top-1 accuracy")):
+        ax.plot(epochs, [r[f"train_{key}"] for r in history], label="train")
+        ax.plot(epochs, [r[f"test_{key}"] for r in history], label="test")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
+    axes[2].plot(epochs, [r["lr"] for r in history], color="k")
+    axes[2].set_xlabel("epoch")
+    axes[2].set_ylabel("learning rate")
+    if any(math.isfinite(r["train_loss"]) and r["train_loss"] > 0 for r in history):
+        axes[0].set_yscale("log")
+    fig.tight_layout()
+    return fig
