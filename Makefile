@@ -12,10 +12,11 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 # torch first (so pip keeps the pinned build), then the suite with its dev extra.
-$(STAMP): pyproject.toml | $(PY)
+$(STAMP): pyproject.toml requirements/crosscheck.txt | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet --no-deps -r requirements/crosscheck.txt
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,0 +1,144 @@
+"""Hessian and GGN products against the dense ground truth in float64."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from curvature.dense import dense_ggn, dense_hessian
+from curvature.lanczos import lanczos
+from curvature.operators import (GGNOperator, HessianOperator, get_loss, loss_hessian_product,
+                                 make_operator)
+from tests.conftest import DEVICES
+
+
+def tiny_mlp():
+    return nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 3))
+
+
+def tiny_cnn():
+    return nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Flatten(), nn.Linear(12, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3))
+
+
+def data(device, sizes=(7, 5, 4), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for n in sizes:  # uneven batches: the weighting n_b / N matters
+        x = torch.randn(n, 1, 4, 4, generator=gen, dtype=torch.float64)
+        y = torch.randint(0, 3, (n,), generator=gen)
+        batches.append((x.to(device), y.to(device)))
+    return batches
+
+
+def build(maker, device, seed=0):
+    torch.manual_seed(seed)
+    model = maker().double().to(device)
+    for m in model.modules():  # non-trivial running statistics for eval mode
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+CASES = [(maker, loss, bn) for maker in (tiny_mlp, tiny_cnn) for loss in ("cross_entropy", "mse")
+         for bn in ("train", "eval")]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("maker,loss,bn_mode", CASES)
+def test_products_equal_dense_matrices(maker, loss, bn_mode, device):
+    model, batches, loss_fn = build(maker, device), data(device), get_loss(loss)
+    buffers_before = {k: v.clone() for k, v in model.state_dict().items()}
+    exact = {"hessian": dense_hessian(model, loss_fn, batches, bn_mode),
+             "ggn": dense_ggn(model, loss_fn, batches, bn_mode)}
+    p = exact["hessian"].shape[0]
+    v = torch.randn(p, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(device)
+    for name in ("hessian", "ggn"):
+        op = make_operator(name, model, loss_fn, batches, bn_mode=bn_mode)
+        assert op.num_params == p
+        assert torch.allclose(op.matvec(v), exact[name] @ v, atol=1e-10, rtol=1e-8)
+        assert torch.allclose(op @ v[:, 0], exact[name] @ v[:, 0], atol=1e-10, rtol=1e-8)
+    rev = HessianOperator(model, loss_fn, batches, bn_mode=bn_mode, mode="reverse_over_reverse")
+    assert torch.allclose(rev.matvec(v), exact["hessian"] @ v, atol=1e-10, rtol=1e-8)
+    # products never touch BatchNorm's running statistics, and the module modes are restored
+    for k, t in model.state_dict().items():
+        assert torch.equal(t, buffers_before[k]), k
+    assert model.training
+
+
+def test_ggn_is_psd_and_differs_from_an_indefinite_hessian():
+    model, batches, loss_fn = build(tiny_cnn, "cpu"), data("cpu"), get_loss("cross_entropy")
+    g = dense_ggn(model, loss_fn, batches, "train")
+    h = dense_hessian(model, loss_fn, batches, "train")
+    assert torch.linalg.eigvalsh(g).min() > -1e-12 * torch.linalg.eigvalsh(g).max()
+    assert torch.linalg.eigvalsh(h).min() < -1e-6  # this random network's Hessian is indefinite
+
+
+def test_batch_weighting_equals_the_mean_loss_over_all_samples():
+    model, loss_fn = build(tiny_mlp, "cpu"), get_loss("cross_entropy")
+    uneven = data("cpu", sizes=(9, 2, 5))
+    whole = [(torch.cat([x for x, _ in uneven]), torch.cat([y for _, y in uneven]))]
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    for name in ("hessian", "ggn"):
+        a = make_operator(name, model, loss_fn, uneven, bn_mode="eval").matvec(v)
+        b = make_operator(name, model, loss_fn, whole, bn_mode="eval").matvec(v)
+        assert torch.allclose(a, b, atol=1e-12)
+
+
+def test_closed_form_output_hessians_equal_autograd():
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(5, 4, dtype=torch.float64, generator=gen)
+    u = torch.randn(5, 4, dtype=torch.float64, generator=gen)
+    y = torch.randint(0, 4, (5,), generator=gen)
+    for name in ("cross_entropy", "mse"):
+        loss_fn = get_loss(name)
+        generic = torch.func.jvp(torch.func.grad(lambda o: loss_fn(o, y)), (z,), (u,))[1]
+        assert torch.allclose(loss_hessian_product(loss_fn, z, y, u), generic, atol=1e-14)
+
+
+def test_parameter_subset_is_the_principal_block():
+    model, batches, loss_fn = build(tiny_mlp, "cpu"), data("cpu"), get_loss("cross_entropy")
+    h = dense_hessian(model, loss_fn, batches, "eval")
+    op = HessianOperator(model, loss_fn, batches, bn_mode="eval", params=["4.*"])  # the last Linear
+    assert op.names == ["4.weight", "4.bias"] and op.num_params == 27
+    v = torch.randn(27, dtype=torch.float64)
+    assert torch.allclose(op.matvec(v), h[-27:, -27:] @ v, atol=1e-12)
+    sub = dense_hessian(model, loss_fn, batches, "eval", params=["4.*"])
+    assert torch.allclose(sub, h[-27:, -27:], atol=1e-12)
+
+
+def test_lanczos_extremes_equal_dense_extremes():
+    model, batches = build(tiny_cnn, "cpu"), data("cpu")
+    loss_fn = get_loss("cross_entropy")
+    for name, dense in (("hessian", dense_hessian), ("ggn", dense_ggn)):
+        exact = torch.linalg.eigvalsh(dense(model, loss_fn, batches, "train"))
+        op = make_operator(name, model, loss_fn, batches, bn_mode="train")
+        res = lanczos(op.matvec, op.num_params, 40, seed=0)
+        converged = res.residual_bounds[0] < 1e-8 * exact.abs().max()
+        assert converged[-1] and converged[0]
+        assert float(res.ritz_values[0, -1]) == pytest.approx(float(exact[-1]), rel=1e-6)
+        assert float(res.ritz_values[0, 0]) == pytest.approx(float(exact[0]), rel=1e-6, abs=1e-9)
+
+
+def test_random_operator_is_detected():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.Dropout(0.5), nn.Linear(8, 3)).double()
+
+    class NoisyLoss:
+        def __call__(self, out, y):  # fresh noise per call makes the curvature random
+            return nn.functional.cross_entropy(out * (1 + 0.1 * torch.rand(())), y)
+
+    class Augmenting:
+        """Re-iterable data that perturbs its inputs on every pass (like augmentation)."""
+        def __iter__(self):
+            for x, y in data("cpu"):
+                yield x + 0.1 * torch.randn_like(x), y
+
+    for loss_fn, batches in ((NoisyLoss(), data("cpu")), (get_loss("cross_entropy"), Augmenting())):
+        with pytest.warns(RuntimeWarning, match="differ"):
+            HessianOperator(model, loss_fn, batches, bn_mode="eval")
+    with warnings.catch_warnings():  # dropout is switched off, so this operator is fixed
+        warnings.simplefilter("error", RuntimeWarning)
+        op = HessianOperator(model, get_loss("cross_entropy"), data("cpu"), bn_mode="eval")
+    assert op.deterministic
