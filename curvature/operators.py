@@ -215,9 +215,10 @@ class CurvatureOperator:
 class HessianOperator(CurvatureOperator):
     """The Hessian of the dataset's mean loss, P x P, as Hessian-vector products.
 
-    ``mode="forward_over_reverse"`` (default): ``jvp(grad(L), w, v)`` with ``torch.func``, all k
-    vectors of a block through one ``vmap``. ``mode="reverse_over_reverse"``: Pearlmutter's double
-    backward with autograd, reusing one gradient graph for the k vectors.
+    ``mode="forward_over_reverse"`` (default): ``jvp(grad(L), w, v)`` with ``torch.func``, one vector
+    at a time (on CPU, ``vmap`` over the tangents of a small conv net measured 0.40 s per vector
+    against 0.15 s for the loop). ``mode="reverse_over_reverse"``: Pearlmutter's double backward with
+    autograd, reusing one gradient graph for the k vectors.
     """
 
     def __init__(self, *args, mode: str = "forward_over_reverse", **kwargs):
@@ -231,7 +232,9 @@ class HessianOperator(CurvatureOperator):
         if self.mode == "reverse_over_reverse":
             return self._double_backward(f, targets, params, vectors)
         gradient = grad(lambda p: self.loss_fn(f(p), targets))
-        return vmap(lambda t: jvp(gradient, (params,), (t,))[1], randomness="different")(vectors)
+        k = next(iter(vectors.values())).shape[0]
+        columns = [jvp(gradient, (params,), ({n: t[j] for n, t in vectors.items()},))[1] for j in range(k)]
+        return {n: torch.stack([c[n] for c in columns]) for n in params}
 
     def _double_backward(self, f, targets, params, vectors):
         leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}

@@ -1,5 +1,6 @@
 """``analysis=spectrum``: the Lanczos spectral density of an operator, with checks and a figure.
 
+On an image dataset it takes the Hessian / GGN of a network (:mod:`experiments.spectrum_network`).
 On a matrix dataset (``wigner``, ``marchenko_pastur``, ``synthetic_spectrum``) it runs Lanczos on the
 dense matrix, computes the exact eigenvalues when the matrix is small enough, and reports the
 checks of PAPER.md for fig2, fig3, fig4 and fig6: support, moments, mass at zero, outlier recovery,
@@ -19,15 +20,23 @@ from curvature.spectrum import SpectralMeasure, relative_moment_errors
 from experiments import validate as V
 from experiments.matrices import build_matrix, validate_matrix_dataset
 from experiments.runtime import Run
+from experiments.spectrum_network import run_network, validate_network
 
 
 def validate(cfg: DictConfig) -> dict:
+    common = _validate_common(cfg)
+    if V.get(cfg, "dataset.kind", "matrix") == "matrix":
+        return {**common, "kind": "matrix", "dataset": validate_matrix_dataset(cfg)}
+    return {**validate_network(cfg, common), "kind": "network"}
+
+
+def _validate_common(cfg: DictConfig) -> dict:
     num_steps = V.positive_int(cfg, "analysis.num_steps", "analysis.num_steps=30")
     report = V.get(cfg, "analysis.report_steps", None)
     report = [num_steps] if report is None else V.int_list(
         cfg, "analysis.report_steps", 1, num_steps, f"analysis.report_steps=[{num_steps}]")
     tol = {name: V.positive_number(cfg, f"analysis.tolerances.{name}")
-           for name in ("support", "moments", "zero_mass", "zero_node", "outlier")}
+           for name in ("support", "moments", "zero_mass", "zero_node", "outlier", "psd", "vectors")}
     return {
         "num_steps": num_steps,
         "report_steps": sorted(set(report)),
@@ -39,12 +48,13 @@ def validate(cfg: DictConfig) -> dict:
         "histogram_bins": V.positive_int(cfg, "analysis.histogram_bins", "analysis.histogram_bins=60"),
         "show_diagonal": V.boolean(cfg, "analysis.show_diagonal"),
         "tolerances": tol,
-        "dataset": validate_matrix_dataset(cfg),
     }
 
 
 def run(cfg: DictConfig) -> dict:
     with Run(cfg, "spectrum", validate=validate) as run:
+        if run.settings["kind"] == "network":
+            return run_network(run)
         s = run.settings
         problem = build_matrix(s["dataset"], run.dtype, run.device)
         matrix = problem.matrix

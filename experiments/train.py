@@ -8,47 +8,21 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 from torch.optim.swa_utils import AveragedModel, update_bn
 
 from curvature import plotting
-from curvature.data import load_splits
-from curvature.models import build_model, count_parameters
+from curvature.models import count_parameters
 from curvature.optim import build_optimizer
 from curvature.training import (checkpoint_name, evaluate, linear_decay_factor, load_checkpoint,
                                 peak_memory_bytes, save_checkpoint, seed_epoch, set_lr, train_epoch,
                                 weight_norms)
 from experiments import validate as V
+from experiments.networks import (build_network, checkpoint_path, load_data, validate_image_dataset,
+                                  validate_model)
 from experiments.runtime import Run
-
-IMAGE_DATASETS = ("cifar10", "cifar100", "digits")
-
-
-def validate_image_dataset(cfg: DictConfig) -> dict:
-    name = V.get(cfg, "dataset.name")
-    if name not in IMAGE_DATASETS:
-        raise V.ConfigError("dataset", name, f"this analysis needs an image dataset: "
-                            f"{', '.join(IMAGE_DATASETS)}", "dataset=digits")
-    num = V.get(cfg, "dataset.num_subsamples", None)
-    if num is not None:
-        num = V.positive_int(cfg, "dataset.num_subsamples", "dataset.num_subsamples=5000")
-    return {"name": name, "data_dir": V.get(cfg, "dataset.data_dir", None),
-            "download": V.boolean(cfg, "dataset.download"),
-            "val_size": V.integer(cfg, "dataset.val_size", minimum=0, example="dataset.val_size=0"),
-            "num_subsamples": num, "augment": V.boolean(cfg, "dataset.augment")}
-
-
-def validate_model(cfg: DictConfig) -> dict:
-    model = V.get(cfg, "model", None)
-    if not isinstance(model, dict) or not model.get("name"):
-        raise V.ConfigError("model", model, "choose a network", "model=cnn")
-    if "width" in model:
-        V.positive_number(cfg, "model.width", "model.width=0.25")
-    return model
-
 
 def validate(cfg: DictConfig) -> dict:
     dataset = validate_image_dataset(cfg)  # first: other keys interpolate from it
@@ -63,9 +37,7 @@ def validate(cfg: DictConfig) -> dict:
         swa["start"] = V.integer(cfg, "analysis.swa.start", 0, epochs - 1, f"analysis.swa.start={epochs // 2}")
         swa["lr"] = V.positive_number(cfg, "analysis.swa.lr", "analysis.swa.lr=0.05")
         swa["bn_update"] = V.boolean(cfg, "analysis.swa.bn_update")
-    resume = V.get(cfg, "resume", None)
-    if resume is not None and not Path(str(resume)).is_file():
-        raise V.ConfigError("resume", resume, "no such checkpoint file", "resume=outputs/<run>/checkpoint-00010.pt")
+    resume = checkpoint_path(cfg, "resume")
     return {
         "epochs": epochs,
         "batch_size": V.positive_int(cfg, "analysis.batch_size", "analysis.batch_size=128"),
@@ -94,10 +66,8 @@ def run(cfg: DictConfig) -> dict:
     with Run(cfg, "train", validate=validate) as run:
         s = run.settings
         d = s["dataset"]
-        splits = load_splits(d["name"], d["data_dir"], device=run.device, download=d["download"],
-                             val_size=d["val_size"], num_subsamples=d["num_subsamples"], seed=run.seed)
-        model = build_model(s["model"], splits.num_classes, splits.in_channels, splits.input_size)
-        model = model.to(device=run.device, dtype=run.dtype)
+        splits = load_data(d, run.device, run.seed)
+        model = build_network(s["model"], splits, run.device, run.dtype)
         optimizer = build_optimizer(s["optimizer"], model.parameters())
         swa_model = AveragedModel(model) if s["swa"]["enabled"] else None
         history, start = [], 0

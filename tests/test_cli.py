@@ -75,7 +75,7 @@ def test_preset_sweep_from_the_config(tmp_path):
     ("dataset.n=-5", "dataset.n"),
     ("dtype=float16", "dtype"),
     ("device=tpu", "device"),
-    ("analysis.report_steps=[5,99]", "analysis.report_steps"),
+    ("analysis.report_steps=[5,999]", "analysis.report_steps"),
 ])
 def test_bad_input_is_one_line_naming_the_key(override, key, tmp_path):
     out = tmp_path / "bad"

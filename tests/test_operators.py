@@ -142,3 +142,11 @@ def test_random_operator_is_detected():
         warnings.simplefilter("error", RuntimeWarning)
         op = HessianOperator(model, get_loss("cross_entropy"), data("cpu"), bn_mode="eval")
     assert op.deterministic
+
+
+def test_operator_matrix_equals_the_independent_dense_builders():
+    from curvature.dense import operator_matrix
+    model, batches, loss_fn = build(tiny_cnn, "cpu"), data("cpu"), get_loss("cross_entropy")
+    for name, dense in (("hessian", dense_hessian), ("ggn", dense_ggn)):
+        op = make_operator(name, model, loss_fn, batches, bn_mode="train")
+        assert torch.allclose(operator_matrix(op, chunk=7), dense(model, loss_fn, batches, "train"), atol=1e-10)

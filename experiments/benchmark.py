@@ -1,0 +1,150 @@
+"""``analysis=benchmark``: the cost of curvature products relative to a gradient, measured in one run.
+
+    python -m experiments.run experiment=benchmark_cpu     # VGG16 x0.25 (~1M parameters), fake CIFAR-10
+
+For the chosen model and data it times (median of ``analysis.repeats`` runs after one warm-up) one
+full-data gradient, one Hessian-vector product in each mode, one GGN-vector product, and a Lanczos
+run of ``analysis.lanczos_steps`` steps, whose time beyond the products is the Lanczos bookkeeping
+(GPyTorch's full reorthogonalisation). Ratios to the gradient and the bookkeeping share are checked
+against ``analysis.targets``; the table goes to results.json, W&B and stdout (Markdown, for the README).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from omegaconf import DictConfig
+
+from curvature import plotting
+from curvature.lanczos import lanczos
+from curvature.operators import LOSSES, HessianOperator, curvature_mode, make_operator
+from curvature.training import peak_memory_bytes
+from experiments import validate as V
+from experiments.networks import build_network, checkpoint_path, load_data, validate_image_dataset, validate_model
+from experiments.runtime import Run
+from experiments.spectrum_network import validate_operator
+
+HVP_MODES = ("forward_over_reverse", "reverse_over_reverse")
+
+
+def validate(cfg: DictConfig) -> dict:
+    dataset = validate_image_dataset(cfg)
+    return {"dataset": dataset, "model": validate_model(cfg), "operator": validate_operator(cfg),
+            "checkpoint": checkpoint_path(cfg, "analysis.checkpoint"),
+            "repeats": V.positive_int(cfg, "analysis.repeats", "analysis.repeats=3"),
+            "lanczos_steps": V.positive_int(cfg, "analysis.lanczos_steps", "analysis.lanczos_steps=100"),
+            "targets": {k: V.positive_number(cfg, f"analysis.targets.{k}")
+                        for k in ("hessian_ratio", "ggn_ratio", "bookkeeping")}}
+
+
+def _median_seconds(fn, repeats: int, device: torch.device) -> float:
+    fn()  # warm-up: first-call set-up of torch.func transforms and allocator
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def full_gradient(model, loss_fn, batches, bn_mode: str) -> None:
+    """One gradient of the batch-size-weighted mean loss (the reference cost)."""
+    total = sum(int(y.shape[0]) for _, y in batches)
+    params = [p for p in model.parameters() if p.requires_grad]
+    with curvature_mode(model, bn_mode), torch.enable_grad():
+        grads = [torch.zeros_like(p) for p in params]
+        for inputs, targets in batches:
+            batch = torch.autograd.grad(loss_fn(model(inputs), targets), params)
+            for g, b in zip(grads, batch):
+                g.add_(b, alpha=targets.shape[0] / total)
+
+
+def run(cfg: DictConfig) -> dict:
+    with Run(cfg, "benchmark", validate=validate) as run:
+        s, o = run.settings, run.settings["operator"]
+        splits = load_data(s["dataset"], run.device, run.seed)
+        model = build_network(s["model"], splits, run.device, run.dtype, s["checkpoint"])
+        batches = list(splits.train.batches(o["batch_size"], dtype=run.dtype))
+        loss_fn = LOSSES[o["loss"]]
+        rows = []
+
+        def measure(quantity: str, fn) -> float:
+            if run.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(run.device)
+            seconds = _median_seconds(fn, s["repeats"], run.device)
+            rows.append({"quantity": quantity, "seconds": seconds, "peak_memory_bytes": peak_memory_bytes(run.device)})
+            print(f"{quantity}: {seconds:.4f} s", flush=True)
+            return seconds
+
+        grad_s = measure("gradient", lambda: full_gradient(model, loss_fn, batches, o["bn_mode"]))
+        hvp = {}
+        for mode in HVP_MODES:
+            op = HessianOperator(model, loss_fn, batches, bn_mode=o["bn_mode"], params=o["params"], mode=mode,
+                                 check_deterministic=False)
+            v = torch.randn(op.num_params, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+            v = v.to(device=run.device, dtype=run.dtype)
+            hvp[mode] = measure(f"hessian_product ({mode})", lambda: op.matvec(v))
+        ggn = make_operator("ggn", model, loss_fn, batches, bn_mode=o["bn_mode"], params=o["params"],
+                            check_deterministic=False)
+        ggn_s = measure("ggn_product", lambda: ggn.matvec(v))
+        fastest = min(hvp, key=hvp.get)
+
+        op = HessianOperator(model, loss_fn, batches, bn_mode=o["bn_mode"], params=o["params"], mode=fastest,
+                             check_deterministic=False)
+        op.matvec(v)  # warm-up outside the timed run
+        op.num_products, op.product_seconds = 0, 0.0
+        start = time.perf_counter()
+        lanczos(op.matvec, op.num_params, s["lanczos_steps"], seed=run.seed, dtype=run.dtype,
+                device=run.device, progress=True)
+        total = time.perf_counter() - start
+        per_iteration = total / op.num_products
+        bookkeeping = 1.0 - op.product_seconds / total
+        rows.append({"quantity": f"lanczos_iteration ({s['lanczos_steps']} steps, hessian)",
+                     "seconds": per_iteration, "peak_memory_bytes": peak_memory_bytes(run.device)})
+        for row in rows:
+            row["ratio_to_gradient"] = row["seconds"] / grad_s
+
+        hessian_ratio, ggn_ratio = hvp[fastest] / grad_s, ggn_s / grad_s
+        t = s["targets"]
+        run.metric("num_params", op.num_params)
+        run.metric("num_samples", len(splits.train))
+        run.metric("gradient_seconds", grad_s)
+        run.metric("hessian_ratio", hessian_ratio)
+        run.metric("ggn_ratio", ggn_ratio)
+        run.metric("lanczos_seconds_per_iteration", per_iteration)
+        run.metric("lanczos_bookkeeping_fraction", bookkeeping)
+        for mode in HVP_MODES:
+            run.metric(f"hessian_ratio_{mode}", hvp[mode] / grad_s)
+        run.check("hessian_ratio", hessian_ratio, f"Hessian product <= {t['hessian_ratio']} x gradient",
+                  hessian_ratio <= t["hessian_ratio"])
+        run.check("ggn_ratio", ggn_ratio, f"GGN product <= {t['ggn_ratio']} x gradient", ggn_ratio <= t["ggn_ratio"])
+        run.check("lanczos_bookkeeping", bookkeeping,
+                  f"Lanczos time beyond products <= {t['bookkeeping']:.0%} of an iteration",
+                  bookkeeping <= t["bookkeeping"])
+        run.note(f"fastest Hessian-vector mode here: {fastest}")
+        run.table("benchmark", rows)
+        print(markdown(rows, run), flush=True)
+        run.figure(_bars(rows), "benchmark")
+        return run.finish(fastest_hvp_mode=fastest)
+
+
+def markdown(rows: list[dict], run: Run) -> str:
+    lines = ["| quantity | seconds | x gradient | peak memory (MB) |", "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['quantity']} | {r['seconds']:.4f} | {r['ratio_to_gradient']:.2f} | "
+                     f"{r['peak_memory_bytes'] / 2**20:.0f} |")
+    return "\n".join(lines)
+
+
+def _bars(rows: list[dict]):
+    fig, (ax,) = plotting.panel_grid(1, width=6.0)
+    ax.barh([r["quantity"] for r in rows], [r["ratio_to_gradient"] for r in rows], color="tab:blue")
+    ax.set_xlabel("time / full-data gradient")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,89 @@
+"""What every network analysis shares: the image dataset, the model, an optional checkpoint.
+
+``dataset.fake=true`` runs a CIFAR preset on small fake files in the official format (written once
+into ``dataset.data_dir``, default ``<cache>/fake-<name>-<train>-<test>``): the CPU smoke variant of
+the paper's GPU presets, on the same code paths.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+from omegaconf import DictConfig
+
+from curvature.data import DataSplits, default_data_dir, load_splits, verify_cifar, write_fake_cifar
+from curvature.errors import DataError
+from curvature.models import build_model
+from curvature.training import load_checkpoint
+from experiments import validate as V
+
+IMAGE_DATASETS = ("cifar10", "cifar100", "digits")
+
+
+def validate_image_dataset(cfg: DictConfig) -> dict:
+    name = V.get(cfg, "dataset.name")
+    if name not in IMAGE_DATASETS:
+        raise V.ConfigError("dataset", name, f"this analysis needs an image dataset: "
+                            f"{', '.join(IMAGE_DATASETS)}", "dataset=digits")
+    num = V.get(cfg, "dataset.num_subsamples", None)
+    if num is not None:
+        num = V.positive_int(cfg, "dataset.num_subsamples", "dataset.num_subsamples=5000")
+    fake = V.get(cfg, "dataset.fake", False)
+    if fake is not False:
+        fake = V.boolean(cfg, "dataset.fake")
+        if fake and name == "digits":
+            raise V.ConfigError("dataset.fake", fake, "digits is real data that ships with scikit-learn",
+                                "dataset.fake=false")
+    settings = {"name": name, "data_dir": V.get(cfg, "dataset.data_dir", None),
+                "download": V.boolean(cfg, "dataset.download"),
+                "val_size": V.integer(cfg, "dataset.val_size", minimum=0, example="dataset.val_size=0"),
+                "num_subsamples": num, "augment": V.boolean(cfg, "dataset.augment"), "fake": fake}
+    if fake:
+        settings["fake_train"] = V.positive_int(cfg, "dataset.fake_train", "dataset.fake_train=512")
+        settings["fake_test"] = V.positive_int(cfg, "dataset.fake_test", "dataset.fake_test=256")
+    return settings
+
+
+def validate_model(cfg: DictConfig) -> dict:
+    model = V.get(cfg, "model", None)
+    if not isinstance(model, dict) or not model.get("name"):
+        raise V.ConfigError("model", model, "choose a network", "model=cnn")
+    if "width" in model:
+        V.positive_number(cfg, "model.width", "model.width=0.25")
+    return model
+
+
+def load_data(d: dict, device: torch.device, seed: int) -> DataSplits:
+    """The splits of a validated dataset, writing the fake CIFAR files first when asked for."""
+    data_dir = d["data_dir"]
+    if d.get("fake"):
+        data_dir = Path(data_dir) if data_dir else \
+            default_data_dir() / f"fake-{d['name']}-{d['fake_train']}-{d['fake_test']}"
+        try:
+            verify_cifar(d["name"], data_dir)
+        except DataError:
+            write_fake_cifar(data_dir, d["name"], num_train=d["fake_train"], num_test=d["fake_test"], seed=0)
+    return load_splits(d["name"], data_dir, device=device, download=d["download"], val_size=d["val_size"],
+                       num_subsamples=d["num_subsamples"], seed=seed)
+
+
+def build_network(model_cfg: dict, splits: DataSplits, device: torch.device, dtype: torch.dtype,
+                  checkpoint: Optional[str] = None) -> torch.nn.Module:
+    """The model for the dataset's shape, with a checkpoint's weights when one is given."""
+    model = build_model(model_cfg, splits.num_classes, splits.in_channels, splits.input_size)
+    model = model.to(device=device, dtype=dtype)
+    if checkpoint:
+        load_checkpoint(checkpoint, model, map_location=device)
+        model.to(dtype=dtype)
+    return model
+
+
+def checkpoint_path(cfg: DictConfig, key: str) -> Optional[str]:
+    """A checkpoint path from the config (None allowed); a missing file is a one-line error."""
+    path = V.get(cfg, key, None)
+    if path is not None and not Path(str(path)).is_file():
+        raise V.ConfigError(key, path, "no such checkpoint file",
+                            f"{key}=outputs/<run>/checkpoint-00010.pt")
+    return None if path is None else str(path)

@@ -1,0 +1,178 @@
+"""``analysis=spectrum`` on a network: Lanczos spectra of the Hessian / GGN of the mean loss.
+
+    python -m experiments.run experiment=fig7 analysis.checkpoint=<trained VGG16 checkpoint>
+    python -m experiments.run experiment=fig7_smoke                    # CPU, fake CIFAR, small width
+
+Loads a training checkpoint (or the initial weights), builds each operator over the chosen split
+(``dataset.num_subsamples`` gives a seeded subset), runs Lanczos, and saves Ritz values, weights,
+residual bounds, the stem summary, seconds per Lanczos iteration and peak memory (the paper's
+"Computational Cost" paragraph), and with ``analysis.save_ritz_vectors=true`` the Ritz vectors in
+``ritz_vectors_<operator>.pt``: a dict with ``ritz_values`` (k, m), ``ritz_vectors`` (k, m, P),
+``param_names``, ``param_shapes``, ``num_params``, ``model`` (the model config) and ``checkpoint``,
+which the landscape analysis reads. Small models (``num_params <= analysis.exact_max_dim``) also get
+the exact eigenvalues from the dense matrix and the 1-Wasserstein distance to them.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from omegaconf import DictConfig
+
+from curvature import plotting
+from curvature.dense import operator_matrix
+from curvature.io import torch_save_atomic
+from curvature.lanczos import lanczos
+from curvature.operators import LOSSES, OPERATORS, make_operator
+from curvature.spectrum import SpectralMeasure
+from curvature.training import peak_memory_bytes
+from experiments import validate as V
+from experiments.networks import (build_network, checkpoint_path, load_data, validate_image_dataset,
+                                  validate_model)
+from experiments.runtime import Run
+
+def validate_operator(cfg: DictConfig) -> dict:
+    ops = V.get(cfg, "analysis.operators", None)
+    if ops is None:
+        ops = [V.choice(cfg, "operator.name", list(OPERATORS), "operator=hessian")]
+    elif not (isinstance(ops, list) and ops and all(o in OPERATORS for o in ops)):
+        raise V.ConfigError("analysis.operators", ops, f"must be a list drawn from {', '.join(OPERATORS)}",
+                            "analysis.operators=[ggn,hessian]")
+    params = V.get(cfg, "operator.params", None)
+    if params is not None and not (isinstance(params, list) and all(isinstance(p, str) for p in params)):
+        raise V.ConfigError("operator.params", params, "must be a list of glob patterns",
+                            "operator.params=[features.0.*]")
+    return {"names": ops, "loss": V.choice(cfg, "operator.loss", list(LOSSES)),
+            "bn_mode": V.choice(cfg, "operator.bn_mode", ["train", "eval"]),
+            "params": params,
+            "batch_size": V.positive_int(cfg, "operator.batch_size", "operator.batch_size=256"),
+            "hvp_mode": V.get(cfg, "operator.hvp_mode", "forward_over_reverse"),
+            "check_deterministic": V.boolean(cfg, "operator.check_deterministic")}
+
+
+def validate_network(cfg: DictConfig, common: dict) -> dict:
+    dataset = validate_image_dataset(cfg)
+    settings = {**common, "dataset": dataset, "model": validate_model(cfg),
+                "operator": validate_operator(cfg),
+                "checkpoint": checkpoint_path(cfg, "analysis.checkpoint"),
+                "data_split": V.choice(cfg, "analysis.data_split", ["train", "test"]),
+                "compare_vectors": V.boolean(cfg, "analysis.compare_vectors"),
+                "expect_negative_mass": V.boolean(cfg, "analysis.expect_negative_mass")}
+    if settings["compare_vectors"] and settings["num_vectors"] < 2:
+        raise V.ConfigError("analysis.num_vectors", settings["num_vectors"],
+                            "compare_vectors needs at least two start vectors", "analysis.num_vectors=2")
+    if settings["operator"]["hvp_mode"] not in ("forward_over_reverse", "reverse_over_reverse"):
+        raise V.ConfigError("operator.hvp_mode", settings["operator"]["hvp_mode"],
+                            "must be forward_over_reverse or reverse_over_reverse",
+                            "operator.hvp_mode=forward_over_reverse")
+    return settings
+
+
+def run_network(run: Run) -> dict:
+    s = run.settings
+    splits = load_data(s["dataset"], run.device, run.seed)
+    model = build_network(s["model"], splits, run.device, run.dtype, s["checkpoint"])
+    run.note(f"weights: {s['checkpoint'] or 'initial (seed ' + str(run.seed) + ')'}")
+    data = splits.train if s["data_split"] == "train" else splits.test
+    o = s["operator"]
+    batches = list(data.batches(o["batch_size"], dtype=run.dtype))  # fixed order, no augmentation
+    run.metric("num_samples", len(data))
+    loss_fn = LOSSES[o["loss"]]
+    cost, panels = [], []
+    for name in o["names"]:
+        op = make_operator(name, model, loss_fn, batches, bn_mode=o["bn_mode"], params=o["params"],
+                           mode=o["hvp_mode"], check_deterministic=o["check_deterministic"])
+        if run.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(run.device)
+        op.num_products, op.product_seconds = 0, 0.0
+        start = time.perf_counter()
+        result = lanczos(op.matvec, op.num_params, s["num_steps"], num_vectors=s["num_vectors"],
+                         seed=run.seed, dtype=run.dtype, device=run.device, start_kind=s["start_vector"],
+                         return_vectors=s["save_ritz_vectors"], progress=True)
+        seconds = time.perf_counter() - start
+        for note in result.notes:
+            run.note(f"{name}: {note}")
+        steps = int(result.num_steps.max())
+        cost.append({"operator": name, "num_params": op.num_params, "num_samples": len(data),
+                     "lanczos_steps": steps, "operator_products": op.num_products,
+                     "seconds_total": seconds, "seconds_per_iteration": seconds / max(op.num_products, 1),
+                     "seconds_per_product": op.product_seconds / max(op.num_products, 1),
+                     "lanczos_overhead_fraction": 1 - op.product_seconds / seconds if seconds else 0.0,
+                     "peak_memory_bytes": peak_memory_bytes(run.device),
+                     "peak_memory_kind": "cuda_max_allocated" if run.device.type == "cuda" else "process_max_rss",
+                     "device": str(run.device), "dtype": str(run.dtype).replace("torch.", "")})
+        run.metric(f"{name}_seconds_per_iteration", cost[-1]["seconds_per_iteration"])
+        run.metric(f"{name}_peak_memory_bytes", cost[-1]["peak_memory_bytes"])
+        measure = SpectralMeasure.from_lanczos(result)
+        exact = None
+        if op.num_params <= s["exact_max_dim"]:
+            matrix = operator_matrix(op, progress=True).to(torch.float64)
+            exact = torch.linalg.eigvalsh(matrix).cpu()
+        _record(run, s, name, op, model, result, measure, exact)
+        panels.append((name, measure, exact))
+    run.metric("num_params", cost[0]["num_params"])
+    run.table("cost", cost)
+    run.figure(_draw(panels, s), "spectrum")
+    return run.finish(lanczos={"num_steps": s["num_steps"], "num_vectors": s["num_vectors"]},
+                      operator={**o, "names": o["names"]}, checkpoint=s["checkpoint"])
+
+
+def _record(run: Run, s: dict, name: str, op, model, result, measure, exact) -> None:
+    tol = s["tolerances"]
+    for key in ("tridiagonal", "ritz_values", "ritz_weights", "residual_bounds", "mask"):
+        run.array(f"{name}_{key}", getattr(result, key))
+    for key, value in measure.summary().items():
+        run.metric(f"{name}_{key}", value)
+    top, bottom = float(measure.nodes.max()), float(measure.nodes.min())
+    if name == "ggn":
+        run.check("ggn_psd", bottom / abs(top) if top else 0.0, f"min Ritz value >= -{tol['psd']:g} x max",
+                  bottom >= -tol["psd"] * abs(top))
+    if name == "hessian" and s["expect_negative_mass"]:
+        weight = measure.summary()["negative_weight"]
+        run.check("hessian_negative_mass", weight, "> 0 (the Hessian is indefinite)", weight > 0)
+    if exact is not None:
+        run.array(f"{name}_exact_eigenvalues", exact)
+        run.metric(f"{name}_wasserstein_to_exact", measure.wasserstein(exact))
+        run.metric(f"{name}_exact_max_eigenvalue", float(exact.max()))
+        run.metric(f"{name}_exact_min_eigenvalue", float(exact.min()))
+        err = abs(top - float(exact.max())) / abs(float(exact.max()))
+        run.check(f"{name}_top_ritz_vs_exact", err, "|max Ritz value - max eigenvalue| / max <= 1e-3",
+                  err <= 1e-3)
+    if s["compare_vectors"]:
+        _compare_vectors(run, name, result, tol["vectors"])
+    if result.ritz_vectors is not None:
+        named = dict(model.named_parameters())
+        torch_save_atomic(run.out_dir / f"ritz_vectors_{name}.pt", {
+            "ritz_values": result.ritz_values, "ritz_vectors": result.ritz_vectors.cpu(),
+            "mask": result.mask, "param_names": op.names,
+            "param_shapes": [tuple(named[n].shape) for n in op.names], "num_params": op.num_params,
+            "model": s["model"], "checkpoint": s["checkpoint"], "operator": name})
+        run.note(f"Ritz vectors of the {name}: ritz_vectors_{name}.pt")
+
+
+def _compare_vectors(run: Run, name: str, result, tol: float) -> None:
+    """fig8: the spectra seen from start vectors 0 and 1 agree at the extremes and in moments 1-4."""
+    a = SpectralMeasure.from_lanczos(result, vector=0)
+    b = SpectralMeasure.from_lanczos(result, vector=1)
+    scale = max(abs(float(a.nodes.max())), abs(float(a.nodes.min())))
+    for label, x, y in (("max", a.nodes.max(), b.nodes.max()), ("min", a.nodes.min(), b.nodes.min())):
+        diff = abs(float(x) - float(y)) / scale
+        run.check(f"{name}_vectors_{label}_ritz", diff, f"|difference| / spectral radius <= {tol}", diff <= tol)
+    # the moment convention of the matrix checks: differences relative to rho^k
+    worst = max(abs(a.moment(k) - b.moment(k)) / scale ** k for k in range(1, 5))
+    run.check(f"{name}_vectors_moments", worst, f"max_k |m_k(v0) - m_k(v1)| / rho^k <= {tol}", worst <= tol)
+
+
+def _draw(panels, s):
+    fig, axes = plotting.panel_grid(len(panels))
+    for ax, (name, measure, exact) in zip(axes, panels):
+        title = f"{name}: Lanczos m={s['num_steps']}, {s['num_vectors']} vector(s), bn {s['operator']['bn_mode']}"
+        if exact is not None:
+            twin = ax.twinx()
+            plotting.histogram(twin, exact, bins=s["histogram_bins"], label="exact eigenvalues")
+            twin.set_ylabel("density (exact)")
+            title += f"\nW1 to exact = {measure.wasserstein(exact):.3g}"
+        plotting.stem(ax, measure.nodes, measure.weights, title=title)
+    fig.tight_layout()
+    return fig
