@@ -4,19 +4,15 @@ curvlinops is a test-only dependency (requirements/crosscheck.txt, installed by 
 CI the test skips when it is missing; in CI (CI=true) a missing curvlinops fails.
 """
 
-import os
-
 import pytest
 import torch
 from torch import nn
 
 from curvature.operators import get_loss, make_operator
+from tests.conftest import require
 from tests.test_operators import build, data, tiny_cnn, tiny_mlp
 
-if os.environ.get("CI"):
-    import curvlinops
-else:
-    curvlinops = pytest.importorskip("curvlinops")
+curvlinops = require("curvlinops")
 
 
 @pytest.mark.parametrize("maker", [tiny_mlp, tiny_cnn])
