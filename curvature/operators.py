@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
@@ -215,17 +216,45 @@ class CurvatureOperator:
 class HessianOperator(CurvatureOperator):
     """The Hessian of the dataset's mean loss, P x P, as Hessian-vector products.
 
-    ``mode="forward_over_reverse"`` (default): ``jvp(grad(L), w, v)`` with ``torch.func``, one vector
+    ``mode="auto"`` (default) times both modes on the first batch and keeps the faster.
+    ``mode="forward_over_reverse"``: ``jvp(grad(L), w, v)`` with ``torch.func``, one vector
     at a time (on CPU, ``vmap`` over the tangents of a small conv net measured 0.40 s per vector
     against 0.15 s for the loop). ``mode="reverse_over_reverse"``: Pearlmutter's double backward with
     autograd, reusing one gradient graph for the k vectors.
     """
 
-    def __init__(self, *args, mode: str = "forward_over_reverse", **kwargs):
-        if mode not in ("forward_over_reverse", "reverse_over_reverse"):
-            raise ValueError(f"mode must be forward_over_reverse or reverse_over_reverse, got {mode!r}")
-        self.mode = mode
+    MODES = ("forward_over_reverse", "reverse_over_reverse")
+
+    def __init__(self, *args, mode: str = "auto", **kwargs):
+        if mode not in self.MODES + ("auto",):
+            raise ValueError(f"mode must be auto, forward_over_reverse or reverse_over_reverse, got {mode!r}")
+        self.mode = "forward_over_reverse" if mode == "auto" else mode
         super().__init__(*args, **kwargs)
+        self.mode_seconds: dict[str, float] = {}
+        if mode == "auto":
+            self.mode = self._fastest_mode()
+
+    def _fastest_mode(self) -> str:
+        """Time one product of each mode on the first batch (after a warm-up); keep the faster.
+
+        Which wins depends on the network and dtype: forward-over-reverse was faster for a small
+        float64 CNN, reverse-over-reverse for a 1M-parameter float32 VGG (both on CPU).
+        """
+        inputs, targets = next(iter(self.batches))
+        v = self.unflatten(torch.ones(self.num_params, 1, dtype=self.dtype, device=self.device))
+        params = self._selected()
+        with curvature_mode(self.model, self.bn_mode):
+            for mode in self.MODES:
+                self.mode = mode
+                self.batch_product(inputs, targets, params, v)  # warm-up
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                start = time.perf_counter()
+                self.batch_product(inputs, targets, params, v)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                self.mode_seconds[mode] = time.perf_counter() - start
+        return min(self.mode_seconds, key=self.mode_seconds.get)
 
     def batch_product(self, inputs, targets, params, vectors):
         f = self.forward_fn(inputs)
@@ -252,18 +281,34 @@ class HessianOperator(CurvatureOperator):
 class GGNOperator(CurvatureOperator):
     """The generalised Gauss-Newton matrix ``sum_b (n_b/N) J_b^T H_L J_b``, P x P, PSD for convex losses.
 
-    Per batch: ``J v`` by forward mode (``torch.func.jvp``, the k vectors through ``vmap``), ``H_L``
-    in closed form (:func:`loss_hessian_product`), ``J^T u`` by one reverse pass (``torch.func.vjp``)
-    shared by the k vectors.
+    Per batch, one vector: a single forward pass with dual numbers gives the outputs, ``J v`` and the
+    graph for ``J^T u`` (measured 1.55x a gradient on a 1M-parameter VGG on CPU, against 2.0x for a
+    ``jvp`` pass plus a ``vjp`` pass). Several vectors: one ``vjp`` pass shared by all, ``J v`` for all
+    through one ``vmap`` of ``jvp``. ``H_L`` is taken in closed form (:func:`loss_hessian_product`).
     """
 
     def batch_product(self, inputs, targets, params, vectors):
         f = self.forward_fn(inputs)
+        if next(iter(vectors.values())).shape[0] == 1:
+            return self._dual_product(f, targets, params, vectors)
         outputs, pullback = vjp(f, params)
         outputs = outputs.detach()
         jv = vmap(lambda t: jvp(f, (params,), (t,))[1], randomness="different")(vectors)
         hjv = vmap(lambda u: loss_hessian_product(self.loss_fn, outputs, targets, u))(jv)
         return vmap(lambda u: pullback(u)[0])(hjv)
+
+
+    def _dual_product(self, f, targets, params, vectors):
+        leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+        with torch.enable_grad():
+            with fwAD.dual_level():
+                outputs = f({n: fwAD.make_dual(leaves[n], vectors[n][0]) for n in leaves})
+                primal, jv = fwAD.unpack_dual(outputs)
+            # The backward runs outside the dual level: inside it, autograd would also push
+            # tangents through the backward ops (the Hessian's work), measured 2x slower.
+            hjv = loss_hessian_product(self.loss_fn, primal.detach(), targets, jv)
+            grads = torch.autograd.grad(primal, list(leaves.values()), grad_outputs=hjv)
+        return {n: g.unsqueeze(0) for n, g in zip(leaves, grads)}
 
 
 OPERATORS = {"hessian": HessianOperator, "ggn": GGNOperator}

@@ -47,7 +47,7 @@ def validate_operator(cfg: DictConfig) -> dict:
             "bn_mode": V.choice(cfg, "operator.bn_mode", ["train", "eval"]),
             "params": params,
             "batch_size": V.positive_int(cfg, "operator.batch_size", "operator.batch_size=256"),
-            "hvp_mode": V.get(cfg, "operator.hvp_mode", "forward_over_reverse"),
+            "hvp_mode": V.get(cfg, "operator.hvp_mode", "auto"),
             "check_deterministic": V.boolean(cfg, "operator.check_deterministic")}
 
 
@@ -59,13 +59,15 @@ def validate_network(cfg: DictConfig, common: dict) -> dict:
                 "data_split": V.choice(cfg, "analysis.data_split", ["train", "test"]),
                 "compare_vectors": V.boolean(cfg, "analysis.compare_vectors"),
                 "expect_negative_mass": V.boolean(cfg, "analysis.expect_negative_mass")}
+    if settings["checkpoint"] is None and V.get(cfg, "analysis.require_checkpoint", False):
+        raise V.ConfigError("analysis.checkpoint", None, "this preset is of a trained network: give the "
+                            "checkpoint written by analysis=train", "analysis.checkpoint=outputs/<run>/checkpoint-00300.pt")
     if settings["compare_vectors"] and settings["num_vectors"] < 2:
         raise V.ConfigError("analysis.num_vectors", settings["num_vectors"],
                             "compare_vectors needs at least two start vectors", "analysis.num_vectors=2")
-    if settings["operator"]["hvp_mode"] not in ("forward_over_reverse", "reverse_over_reverse"):
+    if settings["operator"]["hvp_mode"] not in ("auto", "forward_over_reverse", "reverse_over_reverse"):
         raise V.ConfigError("operator.hvp_mode", settings["operator"]["hvp_mode"],
-                            "must be forward_over_reverse or reverse_over_reverse",
-                            "operator.hvp_mode=forward_over_reverse")
+                            "must be auto, forward_over_reverse or reverse_over_reverse", "operator.hvp_mode=auto")
     return settings
 
 
@@ -94,7 +96,11 @@ def run_network(run: Run) -> dict:
         for note in result.notes:
             run.note(f"{name}: {note}")
         steps = int(result.num_steps.max())
-        cost.append({"operator": name, "num_params": op.num_params, "num_samples": len(data),
+        if name == "hessian":
+            run.note(f"hessian-vector products: {op.mode}" +
+                     (f" (auto: {', '.join(f'{k} {v:.3g} s' for k, v in op.mode_seconds.items())})"
+                      if op.mode_seconds else ""))
+        cost.append({"operator": name, "product_mode": getattr(op, "mode", "dual_forward"), "num_params": op.num_params, "num_samples": len(data),
                      "lanczos_steps": steps, "operator_products": op.num_products,
                      "seconds_total": seconds, "seconds_per_iteration": seconds / max(op.num_products, 1),
                      "seconds_per_product": op.product_seconds / max(op.num_products, 1),

@@ -24,6 +24,10 @@ _MISSING = object()
 
 def get(cfg: DictConfig, key: str, default: Any = _MISSING) -> Any:
     """The value at a dotted key as plain Python; a missing or ``???`` key without default fails."""
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
+    if isinstance(node, DictConfig) and leaf in node and OmegaConf.is_missing(node, leaf):
+        raise ConfigError(key, "???", "must be given for this run", f"{key}=<value>")
     try:
         value = OmegaConf.select(cfg, key, default=_MISSING)
         if isinstance(value, (DictConfig, ListConfig)):

@@ -22,12 +22,14 @@ SMOKE = {
     "train_digits": ["analysis.epochs=1"],
     "train_vgg16_cifar100": ["dataset.data_dir={fake_cifar100}", "model.width=0.0625", "analysis.epochs=1"],
     "demo_train": ["analysis.epochs=1", "analysis.target_test_accuracy=null"],
-    "demo_spectrum": ["analysis.checkpoint=null", "analysis.num_steps=10", "dataset.num_subsamples=128"],
+    "demo_spectrum": ["analysis.require_checkpoint=false", "analysis.num_steps=10", "dataset.num_subsamples=128"],
+    "benchmark_digits": ["analysis.lanczos_steps=3", "analysis.repeats=1", "dataset.num_subsamples=128"],
     "benchmark_cpu": ["model.width=0.0625", "dataset.num_subsamples=64", "analysis.lanczos_steps=3",
                       "analysis.repeats=1", "dataset.fake_train=128"],
     # the GPU presets and their CPU smoke variants, shrunk further
     **{name: ["dataset.fake=true", "dataset.num_subsamples=64", "dataset.fake_train=128", "dataset.fake_test=32",
-              "model.width=0.0625", "analysis.num_steps=8", "analysis.checkpoint=null", "operator.batch_size=64"]
+              "model.width=0.0625", "analysis.num_steps=8", "analysis.require_checkpoint=false",
+              "operator.batch_size=64"]
        for name in ("fig7", "fig7_smoke", "fig8", "fig8_smoke", "fig13", "fig13_smoke")},
     "thm1": ["dataset.n=200"], "thm2": ["dataset.n=200", "analysis.thm2.num_draws=5"],
     "table1": ["analysis.table1.empirical_dim=200"], "lemma1": ["analysis.lemma1.sizes=[50,100,200,400]"],
