@@ -34,6 +34,11 @@ SMOKE = {
     "thm1": ["dataset.n=200"], "thm2": ["dataset.n=200", "analysis.thm2.num_draws=5"],
     "table1": ["analysis.table1.empirical_dim=200"], "lemma1": ["analysis.lemma1.sizes=[50,100,200,400]"],
     "thm5": ["dataset.n=200"],
+    "fig5": ["dataset.n=200"], "fig6_diagonal": ["dataset.n=200"],
+    **{name: ["dataset.fake=true", "dataset.num_subsamples=64", "dataset.fake_train=128", "dataset.fake_test=32",
+              "model.width=0.0625", "analysis.lanczos_steps=8", "analysis.require_checkpoint=false",
+              "operator.batch_size=64"]
+       for name in ("fig7_diagonal", "fig7_diagonal_smoke")},
 }
 
 
