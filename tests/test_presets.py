@@ -39,6 +39,10 @@ SMOKE = {
               "model.width=0.0625", "analysis.lanczos_steps=8", "analysis.require_checkpoint=false",
               "operator.batch_size=64"]
        for name in ("fig7_diagonal", "fig7_diagonal_smoke")},
+    **{name: ["dataset.fake=true", "dataset.num_subsamples=64", "dataset.fake_train=128", "dataset.fake_test=32",
+              "model.width=0.0625", "analysis.num_steps=5", "analysis.num_points=3",
+              "analysis.require_checkpoint=false", "analysis.require_spectrum=false", "operator.batch_size=64"]
+       for name in ("fig9", "fig9_smoke", "fig10", "fig10_smoke", "fig11", "fig11_smoke", "fig12", "fig12_smoke")},
 }
 
 
