@@ -27,8 +27,8 @@ from curvature.operators import LOSSES, OPERATORS, make_operator
 from curvature.spectrum import SpectralMeasure
 from experiments import validate as V
 from experiments.matrices import build_matrix, validate_matrix_dataset
-from experiments.networks import (build_network, checkpoint_path, load_data, validate_image_dataset,
-                                  validate_model)
+from experiments.networks import (build_network, checkpoint_path, load_data, require_trained,
+                                  validate_image_dataset, validate_model)
 from experiments.runtime import Run
 from experiments.spectrum_network import validate_operator
 
@@ -65,11 +65,11 @@ def validate(cfg: DictConfig) -> dict:
              data_split=V.choice(cfg, "analysis.data_split", ["train", "test"]))
     if s["method"] == "mc_ggn":
         s["target"] = "ggn"
-    if s["checkpoint"] is None and (s["method"] == "adam" or V.get(cfg, "analysis.require_checkpoint", False)):
-        why = "the Adam diagonal is read from a checkpoint's optimiser state" if s["method"] == "adam" else \
-            "this preset is of a trained network"
-        raise V.ConfigError("analysis.checkpoint", None, f"{why}: give the checkpoint written by analysis=train",
+    if s["method"] == "adam" and s["checkpoint"] is None:
+        raise V.ConfigError("analysis.checkpoint", None, "the Adam diagonal is read from a checkpoint's "
+                            "optimiser state: give the checkpoint written by analysis=train",
                             "analysis.checkpoint=outputs/<run>/checkpoint-00300.pt")
+    require_trained(cfg, s["checkpoint"])
     return s
 
 

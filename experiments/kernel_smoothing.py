@@ -32,14 +32,13 @@ from curvature.spectrum import SpectralMeasure, sigma_from_scaled_variance
 from experiments import validate as V
 from experiments.matrices import build_matrix, validate_matrix_dataset
 from experiments.runtime import Run
-from experiments.theory import number_list
 
 
 def _optional_positive_list(cfg, key: str, example: str) -> list[float]:
     value = V.get(cfg, key, None)
     if value is None or value == []:
         return []
-    return number_list(cfg, key, 0.0, strict=True, example=example)
+    return V.number_list(cfg, key, 0.0, strict=True, example=example)
 
 
 def validate(cfg: DictConfig) -> dict:

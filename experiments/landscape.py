@@ -28,8 +28,8 @@ from curvature.errors import SuiteError
 from curvature.lanczos import lanczos
 from curvature.operators import LOSSES, make_operator, select_parameters
 from experiments import validate as V
-from experiments.networks import (build_network, checkpoint_path, load_data, validate_image_dataset,
-                                  validate_model)
+from experiments.networks import (build_network, checkpoint_path, load_data, require_trained,
+                                  validate_image_dataset, validate_model)
 from experiments.runtime import Run
 from experiments.spectrum_network import validate_operator
 
@@ -67,9 +67,7 @@ def validate(cfg: DictConfig) -> dict:
         raise V.ConfigError("analysis.operators", s["operator"]["names"], "the landscape takes one operator",
                             "operator=hessian")
     s["ritz_file"] = _ritz_file(cfg, s["operator"]["names"][0])
-    if s["checkpoint"] is None and V.get(cfg, "analysis.require_checkpoint", False):
-        raise V.ConfigError("analysis.checkpoint", None, "this preset is of a trained network: give the "
-                            "checkpoint written by analysis=train", "analysis.checkpoint=outputs/<run>/checkpoint-00300.pt")
+    require_trained(cfg, s["checkpoint"])
     if s["ritz_file"] is None and V.get(cfg, "analysis.require_spectrum", False):
         raise V.ConfigError("analysis.spectrum_dir", None, f"this preset reads saved Ritz vectors: produce them with "
                             f"{HOW}", "analysis.spectrum_dir=outputs/<spectrum run>")

@@ -87,3 +87,11 @@ def checkpoint_path(cfg: DictConfig, key: str) -> Optional[str]:
         raise V.ConfigError(key, path, "no such checkpoint file",
                             f"{key}=outputs/<run>/checkpoint-00010.pt")
     return None if path is None else str(path)
+
+
+def require_trained(cfg: DictConfig, checkpoint: Optional[str],
+                    why: str = "this preset is of a trained network") -> None:
+    """Refuse initial weights when ``analysis.require_checkpoint`` is set (presets of trained networks)."""
+    if checkpoint is None and V.get(cfg, "analysis.require_checkpoint", False):
+        raise V.ConfigError("analysis.checkpoint", None, f"{why}: give the checkpoint written by analysis=train",
+                            "analysis.checkpoint=outputs/<run>/checkpoint-00300.pt")

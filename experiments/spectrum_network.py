@@ -28,8 +28,8 @@ from curvature.operators import LOSSES, OPERATORS, make_operator
 from curvature.spectrum import SpectralMeasure
 from curvature.training import peak_memory_bytes
 from experiments import validate as V
-from experiments.networks import (build_network, checkpoint_path, load_data, validate_image_dataset,
-                                  validate_model)
+from experiments.networks import (build_network, checkpoint_path, load_data, require_trained,
+                                  validate_image_dataset, validate_model)
 from experiments.runtime import Run
 
 def validate_operator(cfg: DictConfig) -> dict:
@@ -59,9 +59,7 @@ def validate_network(cfg: DictConfig, common: dict) -> dict:
                 "data_split": V.choice(cfg, "analysis.data_split", ["train", "test"]),
                 "compare_vectors": V.boolean(cfg, "analysis.compare_vectors"),
                 "expect_negative_mass": V.boolean(cfg, "analysis.expect_negative_mass")}
-    if settings["checkpoint"] is None and V.get(cfg, "analysis.require_checkpoint", False):
-        raise V.ConfigError("analysis.checkpoint", None, "this preset is of a trained network: give the "
-                            "checkpoint written by analysis=train", "analysis.checkpoint=outputs/<run>/checkpoint-00300.pt")
+    require_trained(cfg, settings["checkpoint"])
     if settings["compare_vectors"] and settings["num_vectors"] < 2:
         raise V.ConfigError("analysis.num_vectors", settings["num_vectors"],
                             "compare_vectors needs at least two start vectors", "analysis.num_vectors=2")

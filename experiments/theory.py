@@ -41,25 +41,10 @@ LEMMA1_DATASETS = ("wigner", "marchenko_pastur")
 
 
 # --- validation --------------------------------------------------------------------------------
-def number_list(cfg, key: str, minimum: Optional[float] = None, strict: bool = False,
-                example: Optional[str] = None) -> list[float]:
-    """A non-empty list of numbers, each ``>= minimum`` (``> minimum`` when ``strict``)."""
-    value = V.get(cfg, key)
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        value = [value]
-    ok = isinstance(value, list) and len(value) > 0 and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and
-        (minimum is None or (v > minimum if strict else v >= minimum)) for v in value)
-    if not ok:
-        bound = "" if minimum is None else f", each {'>' if strict else '>='} {minimum:g}"
-        raise V.ConfigError(key, value, f"must be a non-empty list of numbers{bound}", example)
-    return [float(v) for v in value]
-
-
 def _validate_thm1(cfg) -> dict:
     dataset = validate_matrix_dataset(cfg)
     return {"dataset": dataset,
-            "shifts": number_list(cfg, "analysis.thm1.shifts", example="analysis.thm1.shifts=[-10,10]"),
+            "shifts": V.number_list(cfg, "analysis.thm1.shifts", example="analysis.thm1.shifts=[-10,10]"),
             "num_steps": V.integer(cfg, "analysis.thm1.num_steps", 1, dataset["n"],
                                    "analysis.thm1.num_steps=30"),
             "tolerance": V.positive_number(cfg, "analysis.thm1.tolerance", "analysis.thm1.tolerance=1e-8")}
@@ -81,7 +66,7 @@ def _validate_thm2(cfg) -> dict:
 
 def _validate_table1(cfg) -> dict:
     dim = V.integer(cfg, "analysis.table1.empirical_dim", minimum=3, example="analysis.table1.empirical_dim=1000")
-    return {"ratios": number_list(cfg, "analysis.table1.ratios", 1.0, strict=True,
+    return {"ratios": V.number_list(cfg, "analysis.table1.ratios", 1.0, strict=True,
                                   example="analysis.table1.ratios=[1.5,1.1,1.01]"),
             "steps": V.int_list(cfg, "analysis.table1.steps", 1, None, "analysis.table1.steps=[5,10,15,20,25]"),
             "empirical_dim": dim,

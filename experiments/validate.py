@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -107,6 +108,25 @@ def int_list(cfg, key: str, minimum: int | None = None, maximum: int | None = No
         raise ConfigError(key, value, _range_text("a non-empty list of integers", minimum, maximum),
                           example)
     return value
+
+
+def number_list(cfg, key: str, minimum: float | None = None, strict: bool = False,
+                example: str | None = None) -> list[float]:
+    """A non-empty list of finite numbers, each ``>= minimum`` (``> minimum`` when ``strict``)."""
+    value = get(cfg, key)
+    if _is_number(value):
+        value = [value]
+    ok = isinstance(value, list) and len(value) > 0 and all(
+        _is_number(v) and math.isfinite(v) and (minimum is None or (v > minimum if strict else v >= minimum))
+        for v in value)
+    if not ok:
+        bound = "" if minimum is None else f", each {'>' if strict else '>='} {minimum:g}"
+        raise ConfigError(key, value, f"must be a non-empty list of numbers{bound}", example)
+    return [float(v) for v in value]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _range_text(kind: str, minimum, maximum) -> str:
