@@ -1,7 +1,12 @@
 """Lanczos tridiagonalisation of a symmetric operator given only as a matrix-vector closure.
 
-A thin wrapper over GPyTorch's ``linear_operator.utils.lanczos.lanczos_tridiag`` (full
-reorthogonalisation) that turns its output into the quantities curvature analyses need:
+Two engines with the same scaling and stopping conventions and the same tridiagonal (to rounding,
+tested to 1e-10 in float64): ``engine="gpytorch"``, a thin wrapper over GPyTorch's
+``linear_operator.utils.lanczos.lanczos_tridiag``, and ``engine="native"``, our own loop with full
+reorthogonalisation, which can save its state every ``checkpoint_every`` steps and resume from it
+(:func:`lanczos`), costs ``m`` products for ``m`` steps instead of ``m + 1``, and reorthogonalises
+with matrix-vector products against the stored basis instead of GPyTorch's (k+1) x P temporary.
+Both turn their output into the quantities curvature analyses need:
 
 * the tridiagonal matrix ``T_m`` of each start vector,
 * Ritz values (eigenvalues of ``T_m``, ascending) and Ritz weights (squared first components of
@@ -23,23 +28,45 @@ GPyTorch facts this wrapper works around (measured, see ``shared/TRAPS.md``):
   padded (see :class:`LanczosResult`).
 * ``lanczos_tridiag_to_diag`` clamps negative eigenvalues (it is written for kernel matrices), so the
   tridiagonal is diagonalised with ``torch.linalg.eigh`` in float64 instead.
+
+A NaN or Inf product stops either engine with :class:`LanczosNumericalError`, which names the step
+and carries the result of the steps completed before it (``partial``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
 
 import torch
 from linear_operator.utils.lanczos import lanczos_tridiag
 from tqdm.auto import tqdm
 
+from curvature.errors import NumericalError, SuiteError
+from curvature.io import torch_save_atomic
 from curvature.seeding import generator
 
 Matvec = Callable[[torch.Tensor], torch.Tensor]
+Checkpoint = Union[str, Path, Callable[[dict], None], None]
 
 #: A beta below this fraction of the operator scale means the Krylov space is invariant.
 RELATIVE_BREAKDOWN_TOL = 1e-6
+ENGINES = ("gpytorch", "native")
+STATE_FORMAT = "deep-curvature-suite/lanczos-state/1"
+#: Reorthogonalise again while a pass shrinks the residual below this fraction of its norm (the
+#: "twice is enough" criterion of Daniel, Gragg, Kaufman and Stewart, 1976).
+DGKS_ETA = 0.5 ** 0.5
+
+
+class LanczosNumericalError(NumericalError, FloatingPointError):
+    """A NaN or Inf operator product at Lanczos step ``step``; ``partial`` holds the
+    :class:`LanczosResult` of the steps completed before it (None when there were none)."""
+
+    def __init__(self, message: str, step: int, partial: Optional["LanczosResult"] = None):
+        super().__init__(message)
+        self.step = step
+        self.partial = partial
 
 
 @dataclass
@@ -113,65 +140,270 @@ def lanczos(matvec: Matvec, dim: int, num_steps: int, num_vectors: int = 1,
             start_vectors: Optional[torch.Tensor] = None, seed: int = 0,
             dtype: torch.dtype = torch.float64, device="cpu", start_kind: str = "gaussian",
             return_vectors: bool = False, return_basis: bool = False,
-            progress: bool = False) -> LanczosResult:
+            progress: bool = False, engine: str = "gpytorch", checkpoint: Checkpoint = None,
+            checkpoint_every: int = 0, resume_state: Union[dict, str, Path, None] = None) -> LanczosResult:
     """Run ``num_steps`` Lanczos steps on the symmetric operator ``matvec`` from each start vector.
 
     ``matvec`` maps a (dim,) or (dim, k) tensor to a tensor of the same shape. ``start_vectors``,
     if given, is (dim, num_vectors) and need not be normalised; otherwise seeded vectors of
-    ``start_kind`` are drawn. Costs ``num_steps + 1`` products (one batched product per step for all
-    vectors) unless the Krylov space becomes invariant first. ``progress`` shows a tqdm bar of the
-    products. ``return_vectors`` adds the Ritz vectors, ``return_basis`` the Lanczos basis.
+    ``start_kind`` are drawn. One batched product per step for all vectors: ``num_steps + 1``
+    products with ``engine="gpytorch"``, ``num_steps`` with ``engine="native"``, fewer when the
+    Krylov space becomes invariant first. ``progress`` shows a tqdm bar of the steps.
+    ``return_vectors`` adds the Ritz vectors, ``return_basis`` the Lanczos basis.
+
+    Native engine only: ``checkpoint`` (a path, written atomically, or a callable taking the state
+    dict) receives the state every ``checkpoint_every`` steps and once at the end; the state holds
+    the basis, the alphas and betas, the step count, the start vectors, the operator scale and the
+    RNG state. ``resume_state`` (such a dict or its file) continues from it: the result equals an
+    uninterrupted run's (bit for bit on the same device). A state from a longer run is truncated.
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     if dim < 1:
         raise ValueError(f"dim must be >= 1, got {dim}")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be 'gpytorch' or 'native', got {engine!r}")
+    if checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every must be >= 0, got {checkpoint_every}")
+    if (checkpoint is not None or resume_state is not None) and engine != "native":
+        raise ValueError("checkpointing and resuming need engine='native'")
     device = torch.device(device)
-    if start_vectors is None:
-        v0 = random_start_vectors(dim, num_vectors, start_kind, seed, dtype, device)
-    else:
-        v0 = start_vectors.to(dtype=dtype, device=device)
-        if v0.dim() == 1:
-            v0 = v0.unsqueeze(-1)
-        if v0.shape[0] != dim:
-            raise ValueError(f"start_vectors has {v0.shape[0]} rows, expected dim={dim}")
-        norms = v0.norm(dim=0, keepdim=True)
-        if torch.any(norms == 0):
-            raise ValueError("a start vector is zero")
-        v0 = v0 / norms
+    v0 = _start_block(dim, num_vectors, start_vectors, seed, start_kind, dtype, device)
     k = v0.shape[1]
-
-    # First product: gives the operator scale and is handed back to GPyTorch on its first call.
-    av0 = _apply(matvec, v0)
-    scale = float(av0.norm(dim=0).max())
+    state = _load_state(resume_state, dim, k, dtype, v0) if resume_state is not None else None
     notes: list[str] = []
-    if scale == 0.0 or not torch.isfinite(torch.tensor(scale)):
-        if scale != 0.0:
-            raise FloatingPointError("the operator returned a non-finite product for the start vector")
-        notes.append("every start vector is in the operator's null space: measure is a point mass at 0")
-        blocks = [torch.zeros(1, 1, dtype=torch.float64) for _ in range(k)]
-        return _assemble(blocks, [0.0] * k, 0.0, None, notes, False, False)
-    if dim == 1:  # GPyTorch's loop needs at least two iterations
-        blocks = [(v0[:, i] @ av0[:, i]).to("cpu", torch.float64).reshape(1, 1) for i in range(k)]
-        return _assemble(blocks, [0.0] * k, scale, v0.T.unsqueeze(-1), notes, return_vectors,
-                         return_basis)
-    if abs(scale - 1.0) > 0.5:
-        notes.append(f"operator divided by scale s={scale:.6g} for GPyTorch's absolute beta "
-                     "threshold; Ritz values multiplied back by s")
+    if state is not None:
+        scale, av0 = float(state["scale"]), None
+        notes += [n for n in state.get("notes", []) if not n.startswith("resumed")]
+    else:
+        # First product: gives the operator scale and is reused as the first step's product.
+        av0 = _checked_product(matvec, v0, 0, lambda: None)
+        scale = float(av0.norm(dim=0).max())
+        if scale == 0.0:
+            notes.append("every start vector is in the operator's null space: measure is a point mass at 0")
+            blocks = [torch.zeros(1, 1, dtype=torch.float64) for _ in range(k)]
+            return _assemble(blocks, [0.0] * k, 0.0, None, notes, False, False)
+        if dim == 1:  # GPyTorch's loop needs at least two iterations
+            blocks = [(v0[:, i] @ av0[:, i]).to("cpu", torch.float64).reshape(1, 1) for i in range(k)]
+            return _assemble(blocks, [0.0] * k, scale, v0.T.unsqueeze(-1), notes, return_vectors,
+                             return_basis)
+        if abs(scale - 1.0) > 0.5:
+            notes.append(f"operator divided by scale s={scale:.6g} for the absolute beta threshold "
+                         "(GPyTorch's 1e-6); Ritz values multiplied back by s")
+    want_basis = return_vectors or return_basis
+    if engine == "native":
+        save = _checkpoint_writer(checkpoint, checkpoint_every, dict(
+            format=STATE_FORMAT, dim=dim, num_vectors=k, dtype=str(dtype), scale=scale,
+            start_vectors=v0.detach().to("cpu"), seed=seed, start_kind=start_kind))
+        blocks, betas, basis = _native(matvec, v0, av0, scale, num_steps, dim, notes, state, save,
+                                       progress)
+        if not want_basis:
+            basis = None
+    else:
+        blocks, betas, basis = _gpytorch(matvec, v0, av0, scale, num_steps, dim, dtype, device,
+                                         notes, progress)
+        if want_basis:
+            width = max(b.shape[-1] for b in basis)
+            full = torch.zeros(k, dim, width, dtype=dtype, device=device)
+            for i, b in enumerate(basis):
+                full[i, :, :b.shape[-1]] = b
+            basis = full
+        else:
+            basis = None
+    return _assemble(blocks, betas, scale, basis, notes, return_vectors, return_basis)
 
+
+def _start_block(dim, num_vectors, start_vectors, seed, start_kind, dtype, device) -> torch.Tensor:
+    """The (dim, k) block of unit start vectors: given ones normalised, or seeded ones drawn."""
+    if start_vectors is None:
+        return random_start_vectors(dim, num_vectors, start_kind, seed, dtype, device)
+    v0 = start_vectors.to(dtype=dtype, device=device)
+    if v0.dim() == 1:
+        v0 = v0.unsqueeze(-1)
+    if v0.shape[0] != dim:
+        raise ValueError(f"start_vectors has {v0.shape[0]} rows, expected dim={dim}")
+    norms = v0.norm(dim=0, keepdim=True)
+    if torch.any(norms == 0):
+        raise ValueError("a start vector is zero")
+    return v0 / norms
+
+
+def _checked_product(matvec: Matvec, x: torch.Tensor, step: int, partial: Callable) -> torch.Tensor:
+    """``matvec(x)``; a NaN/Inf product (or an operator's NumericalError) names the Lanczos step."""
+    try:
+        out = _apply(matvec, x)
+    except LanczosNumericalError:
+        raise
+    except NumericalError as error:
+        raise LanczosNumericalError(f"Lanczos step {step}: {error}", step, partial()) from None
+    if not torch.all(torch.isfinite(out)):
+        raise LanczosNumericalError(f"Lanczos step {step}: the operator returned NaN or Inf",
+                                    step, partial())
+    return out
+
+
+def _native(matvec, v0, av0, scale, num_steps, dim, notes, state, save, progress):
+    """Lanczos with full reorthogonalisation against the stored basis, per-vector stopping.
+
+    Step ``j`` of each live vector: ``r = A q_j / s - beta_{j-1} q_{j-1}``, ``alpha_j = q_j . r``,
+    ``r -= alpha_j q_j``, classical Gram-Schmidt against ``q_0 .. q_j`` (repeated while a pass
+    cancels more than DGKS_ETA of the norm), ``beta_j = ||r||``; a vector whose ``beta_j`` falls to
+    RELATIVE_BREAKDOWN_TOL has an invariant Krylov space and stops. Returns the unscaled blocks,
+    the final betas and the (k, P, m) basis.
+    """
+    k, dtype, device = v0.shape[1], v0.dtype, v0.device
+    cap = min(num_steps, dim)
+    basis = torch.zeros(k, cap + 1, dim, dtype=dtype, device=device)  # row cap: q_cap, to extend later
+    alphas = torch.zeros(k, cap, dtype=torch.float64)
+    betas = torch.zeros(k, cap, dtype=torch.float64)
+    steps = torch.zeros(k, dtype=torch.long)
+    broken = torch.zeros(k, dtype=torch.bool)
+    start = 0
+    if state is None:
+        basis[:, 0] = v0.T
+    else:
+        start = min(int(state["step"]), cap)
+        rows = min(state["basis"].shape[1], cap + 1)
+        basis[:, :rows] = state["basis"][:, :rows].to(dtype=dtype, device=device)
+        alphas[:, :start] = state["alphas"][:, :start]
+        betas[:, :start] = state["betas"][:, :start]
+        steps = state["steps"].clamp(max=cap)
+        broken = state["broken"] & (state["steps"] <= cap)
+        if "rng_state" in state:
+            torch.set_rng_state(state["rng_state"])
+        notes.append(f"resumed from the saved Lanczos state after step {start}")
+
+    def blocks_and_betas():
+        blocks, final = [], []
+        for i in range(k):
+            m_i = int(steps[i])
+            block = torch.diag(alphas[i, :m_i]) + torch.diag(betas[i, :m_i - 1], 1) + \
+                torch.diag(betas[i, :m_i - 1], -1)
+            blocks.append(block * scale)
+            final.append(0.0 if broken[i] else float(betas[i, m_i - 1]) * scale)
+        return blocks, final
+
+    def partial():
+        if int(steps.min()) == 0:
+            return None
+        blocks, final = blocks_and_betas()
+        return _assemble(blocks, final, scale, None, list(notes), False, False)
+
+    def snapshot(step: int) -> dict:
+        return {"step": step, "basis": basis[:, :step + 1].detach().to("cpu", copy=True),
+                "alphas": alphas[:, :step].clone(), "betas": betas[:, :step].clone(),
+                "steps": steps.clone(), "broken": broken.clone(), "rng_state": torch.get_rng_state(),
+                "notes": list(notes)}
+
+    bar = tqdm(total=cap, initial=start, desc="Lanczos", unit="step", leave=False,
+               disable=None if progress else True)  # None: only on a terminal
+    try:
+        for j in range(start, cap):
+            live = [i for i in range(k) if not broken[i]]
+            if not live:
+                break
+            if j == 0 and av0 is not None:
+                aq = av0[:, live] / scale
+            else:
+                x = basis[live, j].T if len(live) < k else basis[:, j].T
+                aq = _checked_product(matvec, x, j, partial) / scale
+            for c, i in enumerate(live):
+                q = basis[i, j]
+                r = aq[:, c] - betas[i, j - 1].item() * basis[i, j - 1] if j > 0 else aq[:, c].clone()
+                alpha = torch.dot(q, r)
+                r = r - alpha * q
+                r, beta = _reorthogonalise(basis[i, :j + 1], r)
+                alphas[i, j], betas[i, j], steps[i] = float(alpha), beta, j + 1
+                if beta <= RELATIVE_BREAKDOWN_TOL:
+                    broken[i] = True
+                    if j + 1 < cap:
+                        notes.append(f"start vector {i}: Krylov space invariant after {j + 1} steps "
+                                     "(exact for this vector; result truncated there)")
+                else:
+                    basis[i, j + 1] = r / beta
+            bar.update(1)
+            if save is not None and save.every and (j + 1) % save.every == 0 and j + 1 < cap:
+                save(snapshot(j + 1))
+        if save is not None and save.every:
+            save(snapshot(int(steps.max())))
+    finally:
+        bar.close()
+    blocks, final = blocks_and_betas()
+    width = int(steps.max())
+    return blocks, final, basis[:, :width].transpose(1, 2)
+
+
+def _reorthogonalise(q: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Classical Gram-Schmidt of ``r`` against the rows of ``q`` (j, P), repeated (at most three
+    passes) while a pass cancels more than ``1 - DGKS_ETA`` of the norm. Two matrix-vector products
+    per pass; no (j, P) temporary. Returns ``r`` and its norm."""
+    norm = float(r.norm())
+    for _ in range(3):
+        r = r - q.T @ (q @ r)
+        new = float(r.norm())
+        if new > DGKS_ETA * norm:
+            break
+        norm = new
+    return r, new
+
+
+class _Saver:
+    def __init__(self, target: Checkpoint, every: int, header: dict):
+        self.target, self.every, self.header = target, every, header
+
+    def __call__(self, snapshot: dict) -> None:
+        state = {**self.header, **snapshot}
+        if callable(self.target):
+            self.target(state)
+        else:
+            torch_save_atomic(Path(self.target), state)
+
+
+def _checkpoint_writer(target: Checkpoint, every: int, header: dict) -> Optional[_Saver]:
+    return None if target is None else _Saver(target, every, header)
+
+
+def _load_state(source, dim: int, k: int, dtype: torch.dtype, v0: torch.Tensor) -> dict:
+    """A saved Lanczos state that fits this run; anything else is a one-line SuiteError."""
+    name = "the saved Lanczos state"
+    if not isinstance(source, dict):
+        name = str(source)
+        try:
+            source = torch.load(source, map_location="cpu", weights_only=True)
+        except Exception as error:  # a truncated or foreign file: say which, not how torch failed
+            raise SuiteError(f"{name} is not a readable Lanczos state ({type(error).__name__}); "
+                             "delete it and start afresh") from None
+    if not isinstance(source, dict) or source.get("format") != STATE_FORMAT:
+        raise SuiteError(f"{name} is not a Lanczos state of this suite ({STATE_FORMAT})")
+    theirs = (source["dim"], source["num_vectors"], source["dtype"])
+    if theirs != (dim, k, str(dtype)):
+        raise SuiteError(f"{name} is for dim={theirs[0]}, {theirs[1]} start vector(s), {theirs[2]}; "
+                         f"this run has dim={dim}, {k}, {dtype}")
+    saved = source["start_vectors"].to(torch.float64)
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    if saved.shape != v0.shape or not torch.allclose(saved, v0.to("cpu", torch.float64), rtol=0, atol=tol):
+        raise SuiteError(f"{name} was started from other start vectors (seed, start_vector or "
+                         "start_vectors differ)")
+    return source
+
+
+def _gpytorch(matvec, v0, av0, scale, num_steps, dim, dtype, device, notes, progress):
+    """GPyTorch's lanczos_tridiag on the scaled operator; per-vector truncation and reruns."""
+    k = v0.shape[1]
     max_iter = min(num_steps + 1, dim)
     bar = tqdm(total=max_iter, desc="Lanczos", unit="step", leave=False,
-                disable=None if progress else True)  # None: only on a terminal
+               disable=None if progress else True)  # None: only on a terminal
     tol = 1e-12 if dtype == torch.float64 else 1e-6
 
     def run_batch(columns: list[int]):
         """GPyTorch on the given start vectors; the first product is the one already computed."""
         init, first = v0[:, columns], av0[:, columns] / scale
-        cache = {"first": True}
+        cache = {"first": True, "calls": 0}
 
         def scaled(x: torch.Tensor) -> torch.Tensor:
             reuse = cache["first"] and x.shape == init.shape and torch.allclose(x, init, rtol=0, atol=tol)
             cache["first"] = False
+            cache["calls"] += 1
             if len(columns) == k:
                 bar.update(1)
             if reuse:
@@ -180,10 +412,7 @@ def lanczos(matvec: Matvec, dim: int, num_steps: int, num_vectors: int = 1,
             # later, so feed the operator zeros there instead of NaN.
             broken = ~torch.isfinite(x).all(dim=0)
             x = torch.where(broken, torch.zeros((), dtype=x.dtype, device=x.device), x)
-            out = _apply(matvec, x)
-            if not torch.all(torch.isfinite(out)):
-                raise FloatingPointError("the operator returned NaN or Inf during Lanczos")
-            return out / scale
+            return _checked_product(matvec, x, cache["calls"] - 1, lambda: None) / scale
 
         q, t = lanczos_tridiag(scaled, max_iter=max_iter, dtype=dtype, device=device,
                                matrix_shape=torch.Size([dim, dim]), init_vecs=init,
@@ -239,14 +468,7 @@ def lanczos(matvec: Matvec, dim: int, num_steps: int, num_vectors: int = 1,
                 queue.extend([[i] for i in rerun] if rerun == pending else [rerun])
     finally:
         bar.close()
-    if return_vectors or return_basis:
-        width = max(b.shape[-1] for b in bases)
-        basis = torch.zeros(k, dim, width, dtype=dtype, device=device)
-        for i, b in enumerate(bases):
-            basis[i, :, :b.shape[-1]] = b
-    else:
-        basis = None
-    return _assemble(blocks, betas, scale, basis, notes, return_vectors, return_basis)
+    return blocks, betas, bases
 
 
 def _apply(matvec: Matvec, x: torch.Tensor) -> torch.Tensor:

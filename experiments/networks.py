@@ -77,6 +77,10 @@ def build_network(model_cfg: dict, splits: DataSplits, device: torch.device, dty
     if checkpoint:
         load_checkpoint(checkpoint, model, map_location=device)
         model.to(dtype=dtype)
+        bad = next((n for n, t in model.state_dict().items() if t.is_floating_point() and not t.isfinite().all()), None)
+        if bad is not None:  # a diverged run's weights: every loss and product would be NaN
+            raise DataError(f"checkpoint {checkpoint} holds NaN/Inf in {bad}: it comes from a diverged run; "
+                            "use an earlier checkpoint")
     return model
 
 

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from curvature.errors import SuiteError
+from curvature.distributed import backend_for, env_info, env_info_from_submitit
+from curvature.errors import NumericalError, SuiteError
 from curvature.io import write_bytes_atomic
 from experiments import validate as V
 from experiments.tracking import NullTracker, make_tracker
@@ -50,6 +51,74 @@ def resolve_device(cfg: DictConfig) -> torch.device:
         raise V.ConfigError("device", name, "CUDA is not available on this machine",
                             "device=auto or device=cpu")
     return torch.device(name)
+
+
+def resolve_distributed(cfg: DictConfig, device: torch.device):
+    """``distributed=true``: this process's rank info from torchrun's variables, and its device.
+
+    Validates only (no process group yet). CUDA runs use ``cuda:LOCAL_RANK``, one GPU per process.
+    """
+    flag = V.get(cfg, "distributed", False)
+    if not isinstance(flag, bool):
+        raise V.ConfigError("distributed", flag, "must be true or false", "distributed=true")
+    if not flag:
+        return None, device
+    info = env_info() or env_info_from_submitit()
+    if info is None:
+        raise V.ConfigError("distributed", True, "distributed=true needs torchrun's RANK, WORLD_SIZE, "
+                            "LOCAL_RANK, MASTER_ADDR and MASTER_PORT (or a SLURM/submitit job); launch with torchrun",
+                            "torchrun --nproc_per_node=2 -m experiments.run ... distributed=true")
+    if device.type == "cuda":
+        visible = torch.cuda.device_count()  # 1 where the scheduler binds one GPU to each task
+        if info.local_rank >= visible and visible != 1:
+            raise V.ConfigError("distributed", True, f"LOCAL_RANK {info.local_rank} has no GPU "
+                                f"({visible} visible)", "torchrun --nproc_per_node=<number of GPUs>")
+        device = torch.device("cuda", info.local_rank if info.local_rank < visible else 0)
+    return info, device
+
+
+#: Analyses that can continue a killed run, and the state they continue from.
+RESUMABLE = {"spectrum": "its Lanczos state (lanczos-state-<operator>.pt)",
+             "train": "its last checkpoint-XXXXX.pt"}
+PARTIAL_RESULTS = "results.partial.json"
+PARTIAL_ARRAYS = "arrays.partial.npz"
+
+
+def resolve_resume(cfg: DictConfig, analysis: str):
+    """``resume``: None (start afresh), True (continue the run in this output folder from its saved
+    state) or, for analysis=train, the path of a checkpoint to continue from."""
+    value = V.get(cfg, "resume", None)
+    if value is None or value is False:
+        return None
+    if analysis not in RESUMABLE:
+        raise V.ConfigError("resume", value, f"analysis={analysis} saves no state to continue from "
+                            f"(resumable: {', '.join(RESUMABLE)})", "resume=null")
+    if value is True or (analysis == "train" and isinstance(value, str)):
+        return value
+    raise V.ConfigError("resume", value, "must be true (continue the run in this output folder from "
+                        f"{RESUMABLE[analysis]})" + (" or a checkpoint path" if analysis == "train" else ""),
+                        "resume=true hydra.run.dir=<the run folder>")
+
+
+def ensure_writable(folder: Path) -> None:
+    """Fail before any work when the run folder cannot be created or written (read-only, a file)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise V.ConfigError("output_dir", str(folder), f"cannot write there ({error.strerror or error})",
+                            "hydra.run.dir=<a writable folder>") from None
+
+
+def latest_checkpoint(cfg: DictConfig) -> str:
+    """``resume=true`` for analysis=train: the newest checkpoint-XXXXX.pt in the run folder."""
+    folder = output_dir(cfg)
+    found = sorted(folder.glob("checkpoint-[0-9]*.pt"))
+    if not found:
+        raise V.ConfigError("resume", True, f"nothing to resume: no checkpoint-XXXXX.pt in {folder}",
+                            "hydra.run.dir=<the folder of the interrupted run>, or resume=<checkpoint path>")
+    return str(found[-1])
 
 
 def resolve_dtype(cfg: DictConfig) -> torch.dtype:
@@ -165,6 +234,23 @@ class Run:
         self._figures: dict[str, Any] = {}
         self.tracker: NullTracker = NullTracker()
         self.results: dict | None = None
+        self.completed: dict[str, Any] = {}  # what finished so far, for results.partial.json
+        self.logged: list[dict] = []          # rows given to run.log (training curves)
+        self.dist_info = None  # distributed=true: rank, world_size, local_rank (EnvInfo)
+        self._owns_process_group = False
+
+    @property
+    def rank(self) -> int:
+        return self.dist_info.rank if self.dist_info else 0
+
+    @property
+    def world_size(self) -> int:
+        return self.dist_info.world_size if self.dist_info else 1
+
+    @property
+    def is_main(self) -> bool:
+        """Only rank 0 writes results, figures and W&B; the other ranks only compute."""
+        return self.rank == 0
 
     # context protocol ---------------------------------------------------------------------------
     def __enter__(self) -> "Run":
@@ -174,19 +260,43 @@ class Run:
         self.seed = V.integer(self.cfg, "seed", minimum=0, example="seed=0")
         self.device = resolve_device(self.cfg)
         self.dtype = resolve_dtype(self.cfg)
+        self.dist_info, self.device = resolve_distributed(self.cfg, self.device)
+        self.resume = resolve_resume(self.cfg, self.analysis)
         self.settings = self._validate(self.cfg) if self._validate else None
+        if self.dist_info and not (isinstance(self.settings, dict) and self.settings.get("supports_distributed")):
+            raise V.ConfigError("distributed", True, f"analysis={analysis_label(self)} does not shard its "
+                                "work; only analysis=spectrum on an image dataset does", "distributed=false")
         self.out_dir = output_dir(self.cfg)
+        ensure_writable(self.out_dir)
         if (self.out_dir / "results.json").exists() and not V.get(self.cfg, "overwrite", False):
             raise V.ConfigError("output_dir", str(self.out_dir),
                                 "this folder already holds a results.json", "overwrite=true")
         seed_everything(self.seed)
         self.config = OmegaConf.to_container(self.cfg, resolve=True)
-        logger_cfg = V.get(self.cfg, "logger", {"name": "none"})
+        if self.dist_info:
+            self._init_process_group()
+        logger_cfg = V.get(self.cfg, "logger", {"name": "none"}) if self.is_main else {"name": "none"}
         self.tracker = make_tracker(logger_cfg, self.out_dir, self.config, name=self.run_name)
         return self
 
+    def _init_process_group(self) -> None:
+        import torch.distributed as dist
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        if not dist.is_initialized():
+            dist.init_process_group(backend_for(self.device), init_method="env://")
+            self._owns_process_group = True
+        self.note(f"distributed: {self.world_size} processes, backend {dist.get_backend()}")
+
     def __exit__(self, exc_type, exc, tb) -> bool:
+        if isinstance(exc, NumericalError) and hasattr(self, "out_dir") and getattr(self, "is_main", True):
+            path = self.partial(exc)
+            exc.args = (f"{exc}; what completed is in {path}",)
         self.tracker.finish(failed=exc_type is not None)
+        if self._owns_process_group:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+            self._owns_process_group = False
         for fig in self._figures.values():
             _close(fig)
         return False
@@ -216,11 +326,37 @@ class Run:
         self.notes.append(text)
 
     def log(self, values: dict[str, float], step: int | None = None) -> None:
+        self.logged.append({"step": step, **values})
         self.tracker.log(values, step=step)
+
+    def partial(self, error: BaseException) -> Path:
+        """Write ``results.partial.json`` (``"partial": true``, the error, ``completed``, the metrics,
+        tables, notes and logged rows so far) and ``arrays.partial.npz``, atomically; never
+        ``results.json``. Returns the JSON file's path."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.arrays:
+            save_npz_atomic(self.out_dir / PARTIAL_ARRAYS, self.arrays)
+        path = self.out_dir / PARTIAL_RESULTS
+        write_json_atomic(path, {
+            "partial": True, "analysis": self.analysis, "run_name": self.run_name,
+            "error": f"{type(error).__name__}: {error}", "completed": self.completed,
+            "metrics": self.metrics, "checks": self.checks, "tables": self.tables, "notes": self.notes,
+            "logged": self.logged, "files": {"arrays": PARTIAL_ARRAYS if self.arrays else None},
+            "config": getattr(self, "config", None), "started_at": self.started_at,
+            "wall_time_s": time.perf_counter() - self.t0})
+        return path
 
     # writing ------------------------------------------------------------------------------------
     def finish(self, **extra) -> dict:
-        """Write arrays, figures and results.json (last) atomically; log them; return the results."""
+        """Write arrays, figures and results.json (last) atomically; log them; return the results.
+
+        Ranks other than 0 (``distributed=true``) write nothing and return the results in memory.
+        """
+        if not self.is_main:
+            self.results = {"analysis": self.analysis, "run_name": self.run_name, "rank": self.rank,
+                            "metrics": self.metrics, "checks": self.checks, "notes": self.notes, **extra,
+                            "files": {"arrays": None, "figures": []}}
+            return self.results
         self.out_dir.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.out_dir))
         try:
@@ -235,7 +371,8 @@ class Run:
                           "python": sys.version.split()[0], "platform": platform.platform(),
                           "hostname": socket.gethostname(), "device": str(self.device),
                           "device_name": device_description(self.device),
-                          "dtype": str(self.dtype).replace("torch.", "")}
+                          "dtype": str(self.dtype).replace("torch.", ""),
+                          "world_size": self.world_size}
             self.results = {
                 "analysis": self.analysis,
                 "experiment": V.get(self.cfg, "experiment_id", None),
@@ -255,6 +392,8 @@ class Run:
             write_json_atomic(staging / "results.json", self.results)
             for name in written + figures + ["results.json"]:  # results.json last
                 os.replace(staging / name, self.out_dir / name)
+            for name in (PARTIAL_RESULTS, PARTIAL_ARRAYS):  # left by an earlier, failed attempt
+                (self.out_dir / name).unlink(missing_ok=True)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         self._log_to_tracker(figures)
@@ -270,6 +409,11 @@ class Run:
         files = [self.out_dir / "results.json"] + \
             ([self.out_dir / "arrays.npz"] if self.results["files"]["arrays"] else [])
         self.tracker.artifact(f"{self.analysis}-results", files)
+
+
+def analysis_label(run: "Run") -> str:
+    kind = run.settings.get("kind") if isinstance(run.settings, dict) else None
+    return run.analysis + (f" on a {kind} dataset" if kind else "")
 
 
 def _close(fig) -> None:

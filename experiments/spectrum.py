@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from curvature import plotting
 from curvature.lanczos import lanczos
 from curvature.spectrum import SpectralMeasure, relative_moment_errors
+from experiments import lanczos_state
 from experiments import validate as V
 from experiments.matrices import build_matrix, validate_matrix_dataset
 from experiments.runtime import Run
@@ -48,6 +49,7 @@ def _validate_common(cfg: DictConfig) -> dict:
         "histogram_bins": V.positive_int(cfg, "analysis.histogram_bins", "analysis.histogram_bins=60"),
         "show_diagonal": V.boolean(cfg, "analysis.show_diagonal"),
         "tolerances": tol,
+        **lanczos_state.validate(cfg),
     }
 
 
@@ -56,12 +58,15 @@ def run(cfg: DictConfig) -> dict:
         if run.settings["kind"] == "network":
             return run_network(run)
         s = run.settings
+        states = lanczos_state.load_states(run, ["matrix"])
         problem = build_matrix(s["dataset"], run.dtype, run.device)
         matrix = problem.matrix
-        result = lanczos(lambda x: matrix @ x, problem.dim, s["num_steps"],
-                         num_vectors=s["num_vectors"], seed=run.seed, dtype=run.dtype,
-                         device=run.device, start_kind=s["start_vector"],
-                         return_vectors=s["save_ritz_vectors"], progress=True)
+        with lanczos_state.keep_partial(run, "matrix"):
+            result = lanczos(lambda x: matrix @ x, problem.dim, s["num_steps"],
+                             num_vectors=s["num_vectors"], seed=run.seed, dtype=run.dtype,
+                             device=run.device, start_kind=s["start_vector"],
+                             return_vectors=s["save_ritz_vectors"], progress=True,
+                             **lanczos_state.lanczos_options(run, "matrix", states))
         for note in result.notes:
             run.note(note)
         exact = None
@@ -73,10 +78,13 @@ def run(cfg: DictConfig) -> dict:
         measures = {m: SpectralMeasure.from_lanczos(result.truncated(m)) for m in s["report_steps"]}
         _record(run, s, problem, result, measures, exact, diagonal)
         run.figure(_draw(s, problem, measures, exact, diagonal), "spectrum")
-        return run.finish(lanczos={"num_steps": result.num_steps.tolist(),
-                                   "operator_scale": result.operator_scale,
-                                   "operator_products": int(min(s["num_steps"] + 1, problem.dim))},
-                          dataset=problem.params)
+        extra = (s["lanczos_engine"] == "gpytorch")  # GPyTorch: m + 1 products, native: m
+        results = run.finish(lanczos={"num_steps": result.num_steps.tolist(),
+                                      "operator_scale": result.operator_scale, "engine": s["lanczos_engine"],
+                                      "operator_products": int(min(s["num_steps"] + extra, problem.dim))},
+                             dataset=problem.params)
+        lanczos_state.remove_states(run, ["matrix"])
+        return results
 
 
 def _record(run: Run, s: dict, problem, result, measures, exact, diagonal) -> None:

@@ -22,11 +22,14 @@ from omegaconf import DictConfig
 
 from curvature import plotting
 from curvature.dense import operator_matrix
+from curvature.distributed import DistributedOperator, shard
 from curvature.io import torch_save_atomic
 from curvature.lanczos import lanczos
+from curvature.microbatch import describe_splits
 from curvature.operators import LOSSES, OPERATORS, make_operator
 from curvature.spectrum import SpectralMeasure
 from curvature.training import peak_memory_bytes
+from experiments import lanczos_state
 from experiments import validate as V
 from experiments.networks import (build_network, checkpoint_path, load_data, require_trained,
                                   validate_image_dataset, validate_model)
@@ -58,7 +61,8 @@ def validate_network(cfg: DictConfig, common: dict) -> dict:
                 "checkpoint": checkpoint_path(cfg, "analysis.checkpoint"),
                 "data_split": V.choice(cfg, "analysis.data_split", ["train", "test"]),
                 "compare_vectors": V.boolean(cfg, "analysis.compare_vectors"),
-                "expect_negative_mass": V.boolean(cfg, "analysis.expect_negative_mass")}
+                "expect_negative_mass": V.boolean(cfg, "analysis.expect_negative_mass"),
+                "supports_distributed": True}  # distributed=true: batches sharded, products all-reduced
     require_trained(cfg, settings["checkpoint"])
     if settings["compare_vectors"] and settings["num_vectors"] < 2:
         raise V.ConfigError("analysis.num_vectors", settings["num_vectors"],
@@ -71,28 +75,38 @@ def validate_network(cfg: DictConfig, common: dict) -> dict:
 
 def run_network(run: Run) -> dict:
     s = run.settings
+    states = lanczos_state.load_states(run, s["operator"]["names"])  # resume=true: before any work
     splits = load_data(s["dataset"], run.device, run.seed)
     model = build_network(s["model"], splits, run.device, run.dtype, s["checkpoint"])
     run.note(f"weights: {s['checkpoint'] or 'initial (seed ' + str(run.seed) + ')'}")
     data = splits.train if s["data_split"] == "train" else splits.test
     o = s["operator"]
     batches = list(data.batches(o["batch_size"], dtype=run.dtype))  # fixed order, no augmentation
+    if run.dist_info:  # whole batches per rank, so BatchNorm train mode sees the same batches
+        batches = shard(batches, run.rank, run.world_size)
     run.metric("num_samples", len(data))
     loss_fn = LOSSES[o["loss"]]
     cost, panels = [], []
     for name in o["names"]:
         op = make_operator(name, model, loss_fn, batches, bn_mode=o["bn_mode"], params=o["params"],
                            mode=o["hvp_mode"], check_deterministic=o["check_deterministic"])
+        if run.dist_info:
+            op = DistributedOperator(op)
         if run.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(run.device)
         op.num_products, op.product_seconds = 0, 0.0
         start = time.perf_counter()
-        result = lanczos(op.matvec, op.num_params, s["num_steps"], num_vectors=s["num_vectors"],
-                         seed=run.seed, dtype=run.dtype, device=run.device, start_kind=s["start_vector"],
-                         return_vectors=s["save_ritz_vectors"], progress=True)
+        with lanczos_state.keep_partial(run, name, prefix=f"{name}_"):
+            result = lanczos(op.matvec, op.num_params, s["num_steps"], num_vectors=s["num_vectors"],
+                             seed=run.seed, dtype=run.dtype, device=run.device, start_kind=s["start_vector"],
+                             return_vectors=s["save_ritz_vectors"], progress=True,
+                             **lanczos_state.lanczos_options(run, name, states))
         seconds = time.perf_counter() - start
         for note in result.notes:
             run.note(f"{name}: {note}")
+        if describe_splits(op):  # CUDA OOM: products fell back to micro-batches
+            run.note(f"{name}: {describe_splits(op)}")
+            run.metric(f"{name}_oom_split_batches", len(op.oom_splits))
         steps = int(result.num_steps.max())
         if name == "hessian":
             run.note(f"hessian-vector products: {op.mode}" +
@@ -118,8 +132,11 @@ def run_network(run: Run) -> dict:
     run.metric("num_params", cost[0]["num_params"])
     run.table("cost", cost)
     run.figure(_draw(panels, s), "spectrum")
-    return run.finish(lanczos={"num_steps": s["num_steps"], "num_vectors": s["num_vectors"]},
-                      operator={**o, "names": o["names"]}, checkpoint=s["checkpoint"])
+    results = run.finish(lanczos={"num_steps": s["num_steps"], "num_vectors": s["num_vectors"],
+                                  "engine": s["lanczos_engine"]},
+                         operator={**o, "names": o["names"]}, checkpoint=s["checkpoint"])
+    lanczos_state.remove_states(run, o["names"])
+    return results
 
 
 def _record(run: Run, s: dict, name: str, op, model, result, measure, exact) -> None:
@@ -145,7 +162,7 @@ def _record(run: Run, s: dict, name: str, op, model, result, measure, exact) -> 
                   err <= 1e-3)
     if s["compare_vectors"]:
         _compare_vectors(run, name, result, tol["vectors"])
-    if result.ritz_vectors is not None:
+    if result.ritz_vectors is not None and run.is_main:
         named = dict(model.named_parameters())
         torch_save_atomic(run.out_dir / f"ritz_vectors_{name}.pt", {
             "ritz_values": result.ritz_values, "ritz_vectors": result.ritz_vectors.cpu(),

@@ -26,7 +26,8 @@ def test_small_network_lanczos_matches_its_exact_spectrum(tmp_path):
         assert m[f"{op}_max_ritz_value"] <= m[f"{op}_exact_max_eigenvalue"] * (1 + 1e-9)
         assert m[f"{op}_min_ritz_value"] >= m[f"{op}_exact_min_eigenvalue"] - 1e-9
     cost = {row["operator"]: row for row in results["tables"]["cost"]}
-    assert cost["hessian"]["operator_products"] == 31 and cost["hessian"]["seconds_per_iteration"] > 0
+    assert cost["hessian"]["operator_products"] == 30  # native engine: m steps, m products
+    assert cost["hessian"]["seconds_per_iteration"] > 0
     assert cost["ggn"]["peak_memory_bytes"] > 0
     assert (tmp_path / "spectrum.png").is_file() and (tmp_path / "spectrum.pdf").is_file()
 

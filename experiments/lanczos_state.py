@@ -1,0 +1,143 @@
+"""The saved Lanczos state of ``analysis=spectrum``: checkpoints, ``resume=true``, partial results.
+
+A spectrum run with ``analysis.checkpoint_every=k > 0`` (native engine) writes
+``lanczos-state-<operator>.pt`` (``matrix`` for matrix datasets) into its run folder, atomically,
+every ``k`` steps and when that operator's Lanczos run ends; the files are deleted once
+``results.json`` is in place. After a crash or a kill,
+
+    python -m experiments.run <same overrides> resume=true hydra.run.dir=<the run folder>
+
+continues every operator from its file (an operator that had finished is not recomputed) and gives
+the tridiagonal of an uninterrupted run. The file holds a fingerprint of the config: every key that
+decides the operator or the start vectors. A resume whose config differs in such a key is refused,
+naming it; keys in FREE_KEYS (step count, plotting, checks, device, logging) may change.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from curvature.errors import SuiteError
+from curvature.io import torch_save_atomic
+from curvature.lanczos import LanczosNumericalError
+from experiments import validate as V
+
+STATE_PREFIX = "lanczos-state-"
+#: Keys that do not change the Lanczos sequence (or only at rounding level): free to differ on resume.
+FREE_KEYS = ("output_dir", "overwrite", "resume", "logger", "run_name", "experiment_id", "device",
+             "distributed", "analysis.num_steps", "analysis.report_steps", "analysis.checkpoint_every",
+             "analysis.lanczos_engine", "analysis.operators", "analysis.save_ritz_vectors",
+             "analysis.exact_max_dim", "analysis.histogram_bins", "analysis.show_diagonal",
+             "analysis.tolerances", "analysis.compare_vectors", "analysis.expect_negative_mass",
+             "analysis.require_checkpoint", "operator.hvp_mode", "operator.check_deterministic")
+
+
+def validate(cfg) -> dict:
+    """``analysis.checkpoint_every`` and ``analysis.lanczos_engine``, checked together."""
+    every = V.integer(cfg, "analysis.checkpoint_every", minimum=0, example="analysis.checkpoint_every=10")
+    engine = V.choice(cfg, "analysis.lanczos_engine", ["native", "gpytorch"])
+    if engine == "gpytorch" and every > 0:
+        raise V.ConfigError("analysis.checkpoint_every", every, "only the native engine can save its "
+                            "state (GPyTorch's loop cannot be checkpointed)", "analysis.checkpoint_every=0")
+    return {"checkpoint_every": every, "lanczos_engine": engine}
+
+
+def state_path(run, name: str) -> Path:
+    return run.out_dir / f"{STATE_PREFIX}{name}.pt"
+
+
+def fingerprint(config: dict) -> dict[str, Any]:
+    """The resolved config flattened to dotted keys, without FREE_KEYS."""
+    flat: dict[str, Any] = {}
+
+    def walk(node, prefix):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            key = prefix[:-1]
+            if not any(key == free or key.startswith(free + ".") for free in FREE_KEYS):
+                flat[key] = node
+    walk(config, "")
+    return flat
+
+
+def load_states(run, names: list[str]) -> dict[str, dict]:
+    """With ``resume=true``: the saved state of each operator that has one, checked against this
+    run's config. Nothing to resume, an unreadable file or a differing key is a one-line error."""
+    if run.resume is not True:
+        return {}
+    if run.settings["lanczos_engine"] != "native":
+        raise V.ConfigError("analysis.lanczos_engine", "gpytorch", "resume=true continues the native "
+                            "engine's saved state", "analysis.lanczos_engine=native")
+    paths = {name: state_path(run, name) for name in names}
+    if not any(p.is_file() for p in paths.values()):
+        raise V.ConfigError("resume", True, f"nothing to resume: no {STATE_PREFIX}"
+                            f"{{{','.join(names)}}}.pt in {run.out_dir}",
+                            "hydra.run.dir=<the folder of the interrupted run>, or resume=null to start afresh")
+    ours = fingerprint(run.config)
+    states = {}
+    for name, path in paths.items():
+        if not path.is_file():
+            continue
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise SuiteError(f"{path} is not a readable Lanczos state ({type(error).__name__}): delete "
+                             "it to start that operator afresh") from None
+        theirs = state.get("fingerprint") if isinstance(state, dict) else None
+        if not isinstance(theirs, dict):
+            raise SuiteError(f"{path} holds no config fingerprint: not a state of analysis=spectrum")
+        for key in sorted(set(ours) | set(theirs)):
+            if ours.get(key, "<unset>") != theirs.get(key, "<unset>"):
+                raise V.ConfigError(key, ours.get(key, "<unset>"), f"differs from {theirs.get(key, '<unset>')!r}, "
+                                    f"the value {path.name} was computed with; resume needs the same",
+                                    f"{key}={theirs.get(key)} (or resume=null to start afresh)")
+        states[name] = state
+    return states
+
+
+def lanczos_options(run, name: str, states: dict[str, dict]) -> dict:
+    """Keyword arguments of :func:`curvature.lanczos.lanczos` for operator ``name``."""
+    s = run.settings
+    options: dict[str, Any] = {"engine": s["lanczos_engine"]}
+    if s["checkpoint_every"] > 0:
+        path, print_ = state_path(run, name), fingerprint(run.config)
+
+        def save(state: dict) -> None:
+            if getattr(run, "is_main", True):  # distributed: every rank holds the same state
+                torch_save_atomic(path, {**state, "fingerprint": print_, "operator": name})
+        options.update(checkpoint=save, checkpoint_every=s["checkpoint_every"])
+    if name in states:
+        options["resume_state"] = states[name]
+        run.note(f"{name}: resumed from {state_path(run, name).name} after step {int(states[name]['step'])} "
+                 "(the cost table covers the resumed part only)")
+    return options
+
+
+def remove_states(run, names: list[str]) -> None:
+    """After results.json is in place the saved states are of no further use."""
+    if getattr(run, "is_main", True):
+        for name in names:
+            state_path(run, name).unlink(missing_ok=True)
+
+
+@contextmanager
+def keep_partial(run, name: str, prefix: str = ""):
+    """On a NaN/Inf product: keep the steps completed before it as ``<prefix>tridiagonal`` etc.
+    (arrays.partial.npz) and record them under ``completed`` in results.partial.json."""
+    try:
+        yield
+    except LanczosNumericalError as error:
+        done = error.partial
+        if done is not None:
+            for key in ("tridiagonal", "ritz_values", "ritz_weights", "mask"):
+                run.array(f"{prefix}{key}", getattr(done, key))
+        run.completed[name] = {"lanczos_steps_completed": 0 if done is None else int(done.num_steps.max()),
+                               "failed_at_step": error.step}
+        raise
+    run.completed[name] = {"lanczos_finished": True}
