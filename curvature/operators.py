@@ -12,6 +12,14 @@ the operators represent the curvature of the dataset's mean loss ``L(w) = sum_b 
 subset matching ``params`` patterns). Vectors are flat (P,) or (P, k) tensors. Dropout is always off;
 BatchNorm uses batch statistics (``bn_mode="train"``, the original package's default) or running
 statistics (``"eval"``, PyHessian's choice), and never updates its running statistics during products.
+
+Primal reuse (``cache``): a product's first half (the forward pass and, for the Hessian, the gradient
+with its graph) depends only on the batch and the weights, not on the vector. With ``cache="auto"``
+(default) each batch keeps that graph after its first product, while the graphs fit a memory budget
+(default a quarter of the free device memory), and later products only run the second half: measured
+2x fewer seconds per Hessian product on a CPU VGG. Batches beyond the budget, ``cache="none"`` and a
+CUDA out-of-memory error while building a graph fall back to recomputing the primal every product.
+A cached graph is dropped when the weights, buffers or batch tensors change (version counters).
 """
 
 from __future__ import annotations
@@ -29,8 +37,13 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from curvature.errors import NumericalError, SuiteError
+from curvature.microbatch import operator_batch_product
 
 BN_MODES = ("train", "eval")
+CACHE_MODES = ("auto", "all", "none")
+OutOfMemory = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+#: ``cache="auto"`` keeps graphs while they take at most this share of the free device memory.
+CACHE_MEMORY_FRACTION = 0.25
 
 
 # --- losses whose Hessian in the outputs has a closed form ------------------------------------
@@ -110,13 +123,21 @@ def select_parameters(model: nn.Module, patterns: Optional[Sequence[str]] = None
 class CurvatureOperator:
     """Base class: batching, batch-size weighting, BatchNorm mode, parameter subsets, flat vectors.
 
-    Subclasses implement :meth:`batch_product`, the curvature product of one mean-reduced batch loss.
+    Subclasses implement the curvature product of one mean-reduced batch loss: :meth:`_fresh_product`
+    (primal recomputed) and :meth:`_prepare` + :meth:`_cached_product` (primal kept per batch).
+    ``cache=None`` takes the class's ``default_cache``.
     """
+
+    default_cache = "auto"
 
     def __init__(self, model: nn.Module, loss_fn: Callable, batches: Iterable, bn_mode: str = "train",
                  params: Optional[Sequence[str]] = None, check_deterministic: bool = True,
-                 progress: bool = False):
+                 progress: bool = False, cache: Optional[str] = None, cache_budget_bytes: Optional[int] = None):
+        cache = self.default_cache if cache is None else cache
+        if cache not in CACHE_MODES:
+            raise ValueError(f"cache must be auto, all or none, got {cache!r}")
         self.model = model
+        self.cache = cache
         self.loss_fn = loss_fn
         self.bn_mode = bn_mode
         self.progress = progress
@@ -133,6 +154,12 @@ class CurvatureOperator:
             raise SuiteError("the operator's data is empty: check dataset.num_subsamples")
         self.num_products = 0
         self.product_seconds = 0.0
+        self.cache_budget_bytes = (None if cache != "auto" else
+                                   cache_budget_bytes if cache_budget_bytes is not None else
+                                   int(CACHE_MEMORY_FRACTION * free_memory_bytes(self.device)))
+        self._graphs: dict[int, tuple] = {}
+        self.cache_bytes = 0
+        self._caching = cache != "none"
         if check_deterministic:
             self._check_deterministic()
 
@@ -166,8 +193,76 @@ class CurvatureOperator:
 
     # --- the product -------------------------------------------------------------------------------
     def batch_product(self, inputs, targets, params: dict, vectors: dict) -> dict:
-        """Curvature of ``loss_fn(f(inputs), targets)`` times ``vectors`` ({name: (k, *shape)})."""
+        """Curvature of ``loss_fn(f(inputs), targets)`` times ``vectors`` ({name: (k, *shape)}).
+
+        From the batch's cached graph when there is one (or one can be built within the budget),
+        otherwise by :meth:`_fresh_product`, which recomputes the primal.
+        """
+        graph = self._graph(inputs, targets, params) if self._caching and self._own_batch(inputs) else None
+        if graph is None:
+            return self._fresh_product(inputs, targets, params, vectors)
+        return self._cached_product(graph, targets, vectors)
+
+    def _fresh_product(self, inputs, targets, params: dict, vectors: dict) -> dict:
         raise NotImplementedError
+
+    def _prepare(self, inputs, targets, params: dict) -> tuple:
+        """The vector-independent part of a product on one batch (kept in the cache)."""
+        raise NotImplementedError
+
+    def _cached_product(self, graph: tuple, targets, vectors: dict) -> dict:
+        raise NotImplementedError
+
+    def _own_batch(self, inputs) -> bool:
+        """Only the operator's own stored batches are cached: not micro-batch slices, not data that
+        a re-iterable source yields afresh on every pass."""
+        return isinstance(self.batches, (list, tuple)) and any(inputs is b[0] for b in self.batches)
+
+    def _state_key(self) -> tuple:
+        """Identity and version of every parameter and buffer: any in-place update changes it."""
+        return tuple((id(t), t._version) for t in (*self.model.parameters(), *self.model.buffers()))
+
+    def _graph(self, inputs, targets, params: dict) -> Optional[tuple]:
+        """The batch's cached graph, building it when the budget allows; None means recompute."""
+        key = (self._state_key(), inputs._version, targets._version)
+        entry = self._graphs.get(id(inputs))
+        if entry is not None and entry[0] is inputs and entry[1] is targets and entry[2] == key:
+            return entry[3]
+        if entry is not None or (self._graphs and next(iter(self._graphs.values()))[2][0] != key[0]):
+            self.clear_cache()  # weights or data changed: every graph is stale
+        leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+        shared = {_storage(t) for t in (*self.model.parameters(), *self.model.buffers(), inputs, targets)}
+        storages: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:  # counts what the graph keeps alive beyond the model
+            if _storage(t) not in shared:
+                storages[_storage(t)] = t.untyped_storage().nbytes()
+            return t
+
+        try:
+            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                graph = self._prepare(inputs, targets, leaves)
+        except OutOfMemory:
+            self.clear_cache()
+            self._caching = False  # fall back to recomputing the primal for the rest of this operator
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            warnings.warn(f"{type(self).__name__}: out of memory while caching a batch graph; "
+                          "recomputing the primal for every product from now on", RuntimeWarning, stacklevel=4)
+            return None
+        for t in _tensors(graph):
+            if _storage(t) not in shared:
+                storages[_storage(t)] = t.untyped_storage().nbytes()
+        size = sum(storages.values())
+        if self.cache_budget_bytes is None or self.cache_bytes + size <= self.cache_budget_bytes:
+            self._graphs[id(inputs)] = (inputs, targets, key, graph)
+            self.cache_bytes += size
+        return graph  # used for this product either way; dropped afterwards when over the budget
+
+    def clear_cache(self) -> None:
+        """Forget every cached batch graph (they are rebuilt on the next product)."""
+        self._graphs.clear()
+        self.cache_bytes = 0
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """The curvature of the dataset's mean loss times ``v`` ((P,) or (P, k))."""
@@ -182,7 +277,8 @@ class CurvatureOperator:
         with curvature_mode(self.model, self.bn_mode):
             for index, (inputs, targets) in enumerate(self.batches):
                 weight = targets.shape[0] / self.num_samples
-                product = self.flatten(self.batch_product(inputs, targets, params, tangents), batched=True)
+                product = self.flatten(operator_batch_product(self, index, inputs, targets, params, tangents),
+                                       batched=True)  # on CUDA OOM: micro-batches, recombined by size
                 if not torch.all(torch.isfinite(product)):
                     raise NumericalError(f"{type(self).__name__} product is NaN/Inf on batch {index} "
                                          f"(product {self.num_products + 1}): check the checkpoint and data")
@@ -199,11 +295,13 @@ class CurvatureOperator:
         v = torch.randn(self.num_params, 1, generator=gen, dtype=torch.float64).to(self.dtype).to(self.device)
         tangents, params = self.unflatten(v), self._selected()
         products = []
+        caching, self._caching = self._caching, False  # a cache hit would hide a random operator
         with curvature_mode(self.model, self.bn_mode):
             for _ in range(2):  # two separate passes: data that reshuffles or augments shows up too
                 inputs, targets = next(iter(self.batches))
                 products.append(self.flatten(self.batch_product(inputs, targets, params, tangents),
                                              batched=True))
+        self._caching = caching
         a, b = products
         tol = 1e-10 if self.dtype == torch.float64 else 1e-4
         if not torch.allclose(a, b, rtol=tol, atol=tol * float(a.abs().max().clamp(min=1e-30))):
@@ -213,6 +311,32 @@ class CurvatureOperator:
         self.deterministic = torch.equal(a, b) or torch.allclose(a, b, rtol=tol, atol=0)
 
 
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def _tensors(value) -> list:
+    if torch.is_tensor(value):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Free memory of a CUDA device, or the host's available memory (Linux; 8 GiB if unknown)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 8 * 2**30
+
+
 class HessianOperator(CurvatureOperator):
     """The Hessian of the dataset's mean loss, P x P, as Hessian-vector products.
 
@@ -220,7 +344,10 @@ class HessianOperator(CurvatureOperator):
     ``mode="forward_over_reverse"``: ``jvp(grad(L), w, v)`` with ``torch.func``, one vector
     at a time (on CPU, ``vmap`` over the tangents of a small conv net measured 0.40 s per vector
     against 0.15 s for the loop). ``mode="reverse_over_reverse"``: Pearlmutter's double backward with
-    autograd, reusing one gradient graph for the k vectors.
+    autograd, reusing one gradient graph for the k vectors. With the cache on (default), the
+    gradient graph of each batch (``create_graph=True``) is kept and every later product is one
+    backward pass through it per vector; ``mode`` then only matters for batches beyond the budget,
+    and ``auto`` takes reverse-over-reverse without timing (it builds the same graph).
     """
 
     MODES = ("forward_over_reverse", "reverse_over_reverse")
@@ -232,7 +359,7 @@ class HessianOperator(CurvatureOperator):
         super().__init__(*args, **kwargs)
         self.mode_seconds: dict[str, float] = {}
         if mode == "auto":
-            self.mode = self._fastest_mode()
+            self.mode = self._fastest_mode() if self.cache == "none" else "reverse_over_reverse"
 
     def _fastest_mode(self) -> str:
         """Time one product of each mode on the first batch (after a warm-up); keep the faster.
@@ -256,7 +383,19 @@ class HessianOperator(CurvatureOperator):
                 self.mode_seconds[mode] = time.perf_counter() - start
         return min(self.mode_seconds, key=self.mode_seconds.get)
 
-    def batch_product(self, inputs, targets, params, vectors):
+    def _prepare(self, inputs, targets, leaves):
+        loss = self.loss_fn(self.forward_fn(inputs)(leaves), targets)
+        return leaves, torch.autograd.grad(loss, list(leaves.values()), create_graph=True)
+
+    def _cached_product(self, graph, targets, vectors):
+        leaves, grads = graph
+        k = next(iter(vectors.values())).shape[0]
+        with torch.enable_grad():
+            columns = [torch.autograd.grad(grads, list(leaves.values()), [vectors[n][j] for n in leaves],
+                                           retain_graph=True) for j in range(k)]
+        return {n: torch.stack([c[i] for c in columns]) for i, n in enumerate(leaves)}
+
+    def _fresh_product(self, inputs, targets, params, vectors):
         f = self.forward_fn(inputs)
         if self.mode == "reverse_over_reverse":
             return self._double_backward(f, targets, params, vectors)
@@ -285,9 +424,36 @@ class GGNOperator(CurvatureOperator):
     graph for ``J^T u`` (measured 1.55x a gradient on a 1M-parameter VGG on CPU, against 2.0x for a
     ``jvp`` pass plus a ``vjp`` pass). Several vectors: one ``vjp`` pass shared by all, ``J v`` for all
     through one ``vmap`` of ``jvp``. ``H_L`` is taken in closed form (:func:`loss_hessian_product`).
+
+    Cached (default): per batch the forward graph and the graph of ``J^T u`` for a symbolic ``u``
+    (``create_graph=True``) are kept; then ``J v`` is a backward pass of ``<J^T u, v>`` in ``u`` and
+    ``J^T (H_L J v)`` a backward pass of the forward graph: no forward pass per product. Off by default
+    (``default_cache = "none"``): on a CPU VGG it measured no faster than the dual-number path
+    (about 1.5x a gradient either way) and it holds two graphs per batch.
     """
 
-    def batch_product(self, inputs, targets, params, vectors):
+    default_cache = "none"
+
+    def _prepare(self, inputs, targets, leaves):
+        outputs = self.forward_fn(inputs)(leaves)
+        u = torch.zeros_like(outputs, requires_grad=True)
+        jtu = torch.autograd.grad(outputs, list(leaves.values()), u, create_graph=True, materialize_grads=True)
+        return leaves, outputs, u, jtu
+
+    def _cached_product(self, graph, targets, vectors):
+        leaves, outputs, u, jtu = graph
+        primal = outputs.detach()
+        k = next(iter(vectors.values())).shape[0]
+        columns = []
+        with torch.enable_grad():
+            for j in range(k):
+                (jv,) = torch.autograd.grad(jtu, u, [vectors[n][j] for n in leaves], retain_graph=True)
+                hjv = loss_hessian_product(self.loss_fn, primal, targets, jv)
+                columns.append(torch.autograd.grad(outputs, list(leaves.values()), hjv, retain_graph=True,
+                                                   materialize_grads=True))
+        return {n: torch.stack([c[i] for c in columns]) for i, n in enumerate(leaves)}
+
+    def _fresh_product(self, inputs, targets, params, vectors):
         f = self.forward_fn(inputs)
         if next(iter(vectors.values())).shape[0] == 1:
             return self._dual_product(f, targets, params, vectors)

@@ -150,3 +150,98 @@ def test_operator_matrix_equals_the_independent_dense_builders():
     for name, dense in (("hessian", dense_hessian), ("ggn", dense_ggn)):
         op = make_operator(name, model, loss_fn, batches, bn_mode="train")
         assert torch.allclose(operator_matrix(op, chunk=7), dense(model, loss_fn, batches, "train"), atol=1e-10)
+
+
+# --- primal reuse (operator cache) ---------------------------------------------------------------
+CACHE_CASES = [(maker, bn, cache) for maker in (tiny_mlp, tiny_cnn) for bn in ("train", "eval")
+               for cache in ("none", "all", "partial", "over_budget")]
+
+
+def cached_operator(name, model, loss_fn, batches, bn_mode, cache, **kwargs):
+    """``partial``: a budget that holds the first batch's graph only; ``over_budget``: none fits."""
+    if cache in ("none", "all"):
+        return make_operator(name, model, loss_fn, batches, bn_mode=bn_mode, cache=cache, **kwargs)
+    probe = make_operator(name, model, loss_fn, batches[:1], bn_mode=bn_mode, cache="all",
+                          check_deterministic=False, **kwargs)
+    probe.matvec(torch.zeros(probe.num_params, dtype=torch.float64))
+    budget = probe.cache_bytes if cache == "partial" else 1
+    return make_operator(name, model, loss_fn, batches, bn_mode=bn_mode, cache="auto",
+                         cache_budget_bytes=budget, **kwargs)
+
+
+@pytest.mark.parametrize("maker,bn_mode,cache", CACHE_CASES)
+def test_every_cache_mode_equals_the_dense_matrices(maker, bn_mode, cache):
+    model, batches, loss_fn = build(maker, "cpu"), data("cpu"), get_loss("cross_entropy")
+    v = torch.randn(sum(p.numel() for p in model.parameters()), 3, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(2))
+    for name, dense in (("hessian", dense_hessian), ("ggn", dense_ggn)):
+        exact = dense(model, loss_fn, batches, bn_mode)
+        op = cached_operator(name, model, loss_fn, batches, bn_mode, cache)
+        for _ in range(2):  # the first products build the graphs, the later ones reuse them
+            assert torch.allclose(op.matvec(v), exact @ v, atol=1e-10, rtol=1e-8)
+            assert torch.allclose(op @ v[:, 1], exact @ v[:, 1], atol=1e-10, rtol=1e-8)
+        expected = {"none": 0, "all": 3, "partial": 1, "over_budget": 0}[cache]
+        assert len(op._graphs) == expected and (op.cache_bytes > 0) == (expected > 0)
+
+
+def test_cache_with_a_parameter_subset_and_mse():
+    model, batches, loss_fn = build(tiny_cnn, "cpu"), data("cpu", sizes=(9, 2, 5)), get_loss("mse")
+    for name, dense in (("hessian", dense_hessian), ("ggn", dense_ggn)):
+        exact = dense(model, loss_fn, batches, "train", params=["5.*"])
+        op = make_operator(name, model, loss_fn, batches, bn_mode="train", params=["5.*"], cache="all")
+        v = torch.randn(op.num_params, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+        op.matvec(v)
+        assert torch.allclose(op.matvec(v), exact @ v, atol=1e-10, rtol=1e-8)
+
+
+def test_cached_graphs_are_dropped_when_the_weights_change():
+    model, batches, loss_fn = build(tiny_cnn, "cpu"), data("cpu"), get_loss("cross_entropy")
+    op = HessianOperator(model, loss_fn, batches, bn_mode="train", cache="all")
+    v = torch.randn(op.num_params, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    op.matvec(v)
+    with torch.no_grad():  # an optimiser step, in place
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    assert torch.allclose(op.matvec(v), dense_hessian(model, loss_fn, batches, "train") @ v, atol=1e-10)
+    model.load_state_dict({k: t.clone() * 0.9 for k, t in model.state_dict().items()})
+    assert torch.allclose(op.matvec(v), dense_hessian(model, loss_fn, batches, "train") @ v, atol=1e-10)
+
+
+def test_out_of_memory_while_caching_falls_back_to_recomputing(monkeypatch):
+    from curvature import operators
+    model, batches, loss_fn = build(tiny_mlp, "cpu"), data("cpu"), get_loss("cross_entropy")
+    op = HessianOperator(model, loss_fn, batches, bn_mode="eval", cache="all", check_deterministic=False)
+
+    def oom(*args):
+        raise operators.OutOfMemory("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(op, "_prepare", oom)
+    v = torch.randn(op.num_params, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="out of memory"):
+        out = op.matvec(v)
+    assert not op._caching and not op._graphs
+    assert torch.allclose(out, dense_hessian(model, loss_fn, batches, "eval") @ v, atol=1e-10)
+
+
+def test_random_operator_is_detected_with_the_cache_on():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.Linear(8, 3)).double()
+
+    class NoisyLoss:
+        def __call__(self, out, y):
+            return nn.functional.cross_entropy(out * (1 + 0.1 * torch.rand(())), y)
+
+    with pytest.warns(RuntimeWarning, match="differ"):
+        HessianOperator(model, NoisyLoss(), data("cpu"), bn_mode="eval", cache="all")
+
+
+def test_micro_batch_slices_are_not_cached():
+    from curvature.operators import curvature_mode
+    model, batches, loss_fn = build(tiny_mlp, "cpu"), data("cpu"), get_loss("cross_entropy")
+    op = HessianOperator(model, loss_fn, batches, bn_mode="eval", cache="all", check_deterministic=False)
+    v = op.unflatten(torch.randn(op.num_params, 1, dtype=torch.float64))
+    x, y = batches[0]
+    with curvature_mode(model, "eval"):  # as matvec's OOM fallback calls it, on a slice
+        half = op.batch_product(x[:3], y[:3], op._selected(), v)
+    assert not op._graphs
+    exact = dense_hessian(model, loss_fn, [(x[:3], y[:3])], "eval")
+    assert torch.allclose(op.flatten(half, batched=True)[:, 0], exact @ op.flatten(v, batched=True)[:, 0])
