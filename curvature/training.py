@@ -57,9 +57,16 @@ def train_epoch(model: torch.nn.Module, data, optimizer: torch.optim.Optimizer, 
                 generator: torch.Generator, augment: bool, dtype: torch.dtype = torch.float32,
                 loss_fn: Callable = F.cross_entropy, epoch: int = 0, progress: bool = True,
                 after_step: Optional[Callable[[], None]] = None) -> dict:
-    """One pass over ``data`` (an ``ImageData``) in shuffled mini-batches; returns loss / accuracies."""
+    """One pass over ``data`` (an ``ImageData``) in shuffled mini-batches; returns loss / accuracies.
+
+    An optimiser with ``observe(inputs, labels, logits)`` (K-FAC, the Newton optimisers) is shown each
+    batch after the forward pass and before the backward. ``step_time_s`` sums the time of those
+    calls and of ``optimizer.step()`` (host clock: on CUDA it includes only what the step waits for).
+    """
     model.train()
     total_loss, correct, top5, seen = 0.0, 0, 0, 0
+    observe = getattr(optimizer, "observe", None)
+    step_time = 0.0
     start = time.perf_counter()
     num_batches = math.ceil(len(data) / batch_size)
     batches = data.batches(batch_size, shuffle=True, augment=augment, generator=generator, dtype=dtype)
@@ -71,8 +78,14 @@ def train_epoch(model: torch.nn.Module, data, optimizer: torch.optim.Optimizer, 
         if not torch.isfinite(loss):
             raise NumericalError(f"training loss is {float(loss.detach())} at epoch {epoch}, batch {index}: "
                                  "lower the learning rate (optimizer.lr) or check the data")
+        tick = time.perf_counter()
+        if observe is not None:
+            observe(inputs, labels, logits)
+        step_time += time.perf_counter() - tick
         loss.backward()
+        tick = time.perf_counter()
         optimizer.step()
+        step_time += time.perf_counter() - tick
         if after_step is not None:
             after_step()
         n = labels.shape[0]
@@ -82,7 +95,22 @@ def train_epoch(model: torch.nn.Module, data, optimizer: torch.optim.Optimizer, 
         seen += n
     elapsed = time.perf_counter() - start
     return {"loss": total_loss / seen, "accuracy": correct / seen, "top5_accuracy": top5 / seen,
-            "time_s": elapsed, "images_per_s": seen / elapsed if elapsed > 0 else float("nan")}
+            "time_s": elapsed, "images_per_s": seen / elapsed if elapsed > 0 else float("nan"),
+            "step_time_s": step_time, "num_steps": num_batches}
+
+
+def curvature_sampler(data, batch_size: int, generator: torch.Generator, augment: bool,
+                      dtype: torch.dtype = torch.float32) -> Callable[[], tuple]:
+    """A callable drawing one ``(inputs, labels)`` batch of ``batch_size`` random training images per
+    call (without replacement within a batch) from ``generator``: the Newton optimisers' curvature
+    batches, on their own random stream."""
+    size = min(batch_size, len(data))
+
+    def draw() -> tuple:
+        order = torch.randperm(len(data), generator=generator, device=generator.device)[:size]
+        subset = data.subset(order.to(data.images.device))
+        return next(subset.batches(size, augment=augment, generator=generator, dtype=dtype))
+    return draw
 
 
 @torch.no_grad()

@@ -3,26 +3,37 @@
     python -m experiments.run experiment=train_digits                 # CPU, ~30 s, >= 90% test acc
     python -m experiments.run experiment=train_vgg16_cifar100         # the paper's recipe (GPU)
     python -m experiments.run experiment=train_digits resume=outputs/.../checkpoint-00010.pt
+    python -m experiments.run experiment=train_digits optimizer=ggn_newton analysis.step_cost=true
+
+Optimisers with ``set_curvature_sampler`` (the Newton ones) get curvature batches drawn from the
+training split on their own stream, re-seeded per epoch from ``(seed, epoch)`` like the data order, so
+a resumed run stays exact. ``analysis.step_cost`` times the chosen optimiser's step against SGD's on
+the same batch, on copies of the initial model, before training.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+import statistics
+import time
 
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch.optim.swa_utils import AveragedModel, update_bn
 
 from curvature import plotting
 from curvature.models import count_parameters
 from curvature.optim import build_optimizer
-from curvature.training import (checkpoint_name, evaluate, linear_decay_factor, load_checkpoint,
-                                peak_memory_bytes, save_checkpoint, seed_epoch, set_lr, train_epoch,
-                                weight_norms)
+from curvature.seeding import stream_seed
+from curvature.training import (checkpoint_name, curvature_sampler, evaluate, linear_decay_factor,
+                                load_checkpoint, peak_memory_bytes, save_checkpoint, seed_epoch, set_lr,
+                                train_epoch, weight_norms)
 from experiments import validate as V
 from experiments.networks import (build_network, checkpoint_path, load_data, validate_image_dataset,
                                   validate_model)
-from experiments.runtime import Run
+from experiments.runtime import Run, latest_checkpoint
 
 def validate(cfg: DictConfig) -> dict:
     dataset = validate_image_dataset(cfg)  # first: other keys interpolate from it
@@ -32,12 +43,13 @@ def validate(cfg: DictConfig) -> dict:
     for key in ("momentum", "weight_decay"):
         if key in optimizer:
             V.number(cfg, f"optimizer.{key}", minimum=0, example=f"optimizer.{key}=0.0")
+    _validate_second_order(cfg, optimizer)
     swa = {"enabled": V.boolean(cfg, "analysis.swa.enabled")}
     if swa["enabled"]:
         swa["start"] = V.integer(cfg, "analysis.swa.start", 0, epochs - 1, f"analysis.swa.start={epochs // 2}")
         swa["lr"] = V.positive_number(cfg, "analysis.swa.lr", "analysis.swa.lr=0.05")
         swa["bn_update"] = V.boolean(cfg, "analysis.swa.bn_update")
-    resume = checkpoint_path(cfg, "resume")
+    resume = latest_checkpoint(cfg) if V.get(cfg, "resume", None) is True else checkpoint_path(cfg, "resume")
     return {
         "epochs": epochs,
         "batch_size": V.positive_int(cfg, "analysis.batch_size", "analysis.batch_size=128"),
@@ -48,9 +60,73 @@ def validate(cfg: DictConfig) -> dict:
         "save_freq": V.positive_int(cfg, "analysis.save_freq", "analysis.save_freq=25"),
         "target_test_accuracy": None if V.get(cfg, "analysis.target_test_accuracy", None) is None else
         V.number(cfg, "analysis.target_test_accuracy", 0, 1, example="analysis.target_test_accuracy=0.9"),
+        "step_cost": V.boolean(cfg, "analysis.step_cost"),
+        "step_cost_repeats": V.positive_int(cfg, "analysis.step_cost_repeats", "analysis.step_cost_repeats=3"),
         "swa": swa, "optimizer": optimizer, "model": validate_model(cfg),
         "dataset": dataset, "resume": resume,
     }
+
+
+def _validate_second_order(cfg: DictConfig, optimizer: dict) -> None:
+    """Keys of the Newton / K-FAC / SWATS optimisers, when present (null means: use the default rule)."""
+    for key in ("damping", "damping_ratio"):
+        if optimizer.get(key) is not None:
+            V.positive_number(cfg, f"optimizer.{key}", f"optimizer.{key}=1.0")
+    for key in ("lanczos_steps", "curvature_batch_size", "cov_update_period", "inv_update_period"):
+        if key in optimizer:
+            V.positive_int(cfg, f"optimizer.{key}", f"optimizer.{key}=10")
+    for key in ("eps", "switch_tol"):
+        if optimizer.get(key) is not None:
+            V.number(cfg, f"optimizer.{key}", minimum=0, example=f"optimizer.{key}=1e-9")
+    if "stat_decay" in optimizer:
+        V.number(cfg, "optimizer.stat_decay", 0, 0.999999, example="optimizer.stat_decay=0.95")
+    for key, options in (("bn_mode", ["train", "eval"]), ("start_vector", ["random", "gradient"]),
+                         ("hvp_mode", ["auto", "forward_over_reverse", "reverse_over_reverse"])):
+        if key in optimizer:
+            V.choice(cfg, f"optimizer.{key}", options)
+
+
+def make_optimizer(s: dict, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The configured optimiser over ``model``; a value its constructor rejects is a config error."""
+    try:
+        return build_optimizer(s["optimizer"], model.parameters(), model=model, loss_fn=F.cross_entropy)
+    except ValueError as error:
+        raise V.ConfigError("optimizer", s["optimizer"].get("name"), str(error),
+                            "optimizer=sgd, or fix the key named above") from None
+
+
+def measure_step_cost(run: Run, s: dict, model: torch.nn.Module, splits) -> dict:
+    """Median seconds of one full training step (forward, observe, backward, step) of the configured
+    optimiser and of plain SGD, on copies of ``model`` and the same first training batch."""
+    inputs, labels = next(splits.train.batches(s["batch_size"], dtype=run.dtype))
+    sgd_settings = {"name": "sgd", "lr": s["optimizer"]["lr"], "momentum": 0.9}
+    timings = {}
+    for label, settings in (("optimizer", s["optimizer"]), ("sgd", sgd_settings)):
+        copy_ = copy.deepcopy(model)
+        opt = make_optimizer({**s, "optimizer": settings}, copy_)
+        observe = getattr(opt, "observe", None)
+        seconds = []
+        for repeat in range(s["step_cost_repeats"] + 1):  # the first is a warm-up
+            _synchronize(run.device)
+            start = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            logits = copy_(inputs)
+            loss = F.cross_entropy(logits, labels)
+            if observe is not None:
+                observe(inputs, labels, logits)
+            loss.backward()
+            opt.step()
+            _synchronize(run.device)
+            if repeat:
+                seconds.append(time.perf_counter() - start)
+        timings[label] = statistics.median(seconds)
+    return {"step_seconds": timings["optimizer"], "sgd_step_seconds": timings["sgd"],
+            "step_cost_vs_sgd": timings["optimizer"] / timings["sgd"]}
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def learning_rate(s: dict, epoch: int) -> float:
@@ -68,7 +144,10 @@ def run(cfg: DictConfig) -> dict:
         d = s["dataset"]
         splits = load_data(d, run.device, run.seed)
         model = build_network(s["model"], splits, run.device, run.dtype)
-        optimizer = build_optimizer(s["optimizer"], model.parameters())
+        if s["step_cost"]:  # before the real optimiser exists: K-FAC's hooks must not be copied
+            for key, value in measure_step_cost(run, s, model, splits).items():
+                run.metric(key, value)
+        optimizer = make_optimizer(s, model)
         swa_model = AveragedModel(model) if s["swa"]["enabled"] else None
         history, start = [], 0
         if s["resume"]:
@@ -84,6 +163,11 @@ def run(cfg: DictConfig) -> dict:
             lr = learning_rate(s, epoch)
             set_lr(optimizer, lr)
             generator = seed_epoch(run.seed, epoch, run.device)
+            if hasattr(optimizer, "set_curvature_sampler"):
+                curvature_generator = torch.Generator(device=run.device)
+                curvature_generator.manual_seed(stream_seed(run.seed, f"train.curvature.{epoch}"))
+                optimizer.set_curvature_sampler(curvature_sampler(
+                    splits.train, optimizer.curvature_batch_size, curvature_generator, d["augment"], run.dtype))
             if run.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(run.device)
             train = train_epoch(model, splits.train, optimizer, s["batch_size"], generator,
@@ -95,7 +179,9 @@ def run(cfg: DictConfig) -> dict:
                    "train_accuracy": train["accuracy"], "train_top5_accuracy": train["top5_accuracy"],
                    "test_loss": test["loss"], "test_accuracy": test["accuracy"],
                    "test_top5_accuracy": test["top5_accuracy"], "epoch_time_s": train["time_s"],
-                   "images_per_s": train["images_per_s"],
+                   "images_per_s": train["images_per_s"], "train_error": 1.0 - train["accuracy"],
+                   "train_time_s": (history[-1].get("train_time_s", 0.0) if history else 0.0) + train["time_s"],
+                   "step_time_s": train["step_time_s"] / max(train["num_steps"], 1),
                    "peak_memory_bytes": peak_memory_bytes(run.device), **weight_norms(model)}
             if splits.val is not None:
                 val = evaluate(model, splits.val, s["eval_batch_size"], run.dtype)
@@ -121,6 +207,17 @@ def run(cfg: DictConfig) -> dict:
             run.metric(key, last[key])
         run.metric("epochs_run", s["epochs"] - start)
         run.metric("mean_images_per_s", sum(r["images_per_s"] for r in history) / len(history))
+        run.metric("final_train_error", last["train_error"])
+        run.metric("train_time_s", last["train_time_s"])
+        run.metric("mean_step_seconds", sum(r["step_time_s"] for r in history) / len(history))
+        for key in ("damping", "kfac_steps"):
+            if key in optimizer.param_groups[0]:
+                run.metric(f"optimizer_{key}", optimizer.param_groups[0][key])
+        if hasattr(optimizer, "skipped_steps"):
+            run.metric("skipped_steps", optimizer.skipped_steps)
+        if optimizer.param_groups[0].get("switch_step") is not None:
+            run.metric("swats_switch_step", optimizer.param_groups[0]["switch_step"])
+            run.metric("swats_sgd_lr", optimizer.param_groups[0]["sgd_lr"])
         if s["target_test_accuracy"] is not None:
             run.check("test_accuracy", last["test_accuracy"], f">= {s['target_test_accuracy']}",
                       last["test_accuracy"] >= s["target_test_accuracy"])
