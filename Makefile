@@ -6,17 +6,18 @@ TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(subst =,-,$(subst /,_,$(TORCH)))
 
-.PHONY: install demo test test-all clean
+.PHONY: install demo test test-all figures clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 # torch first (so pip keeps the pinned build), then the suite with its dev extra.
-$(STAMP): pyproject.toml requirements/crosscheck.txt | $(PY)
+$(STAMP): pyproject.toml requirements/crosscheck.txt requirements/peers.txt | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -e ".[dev]"
 	$(PY) -m pip install --quiet --no-deps -r requirements/crosscheck.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements/peers.txt
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -34,6 +35,15 @@ test: install
 
 test-all: install
 	$(PY) -m pytest -q -m "slow or not slow"
+
+# Every paper artefact: run its presets (skipping runs whose results exist for the same config), draw its
+# figure, write paper_figures/REPORT.md. SCALE=smoke (2 CPU cores, < 30 min; figures also to docs/figures)
+# or SCALE=paper (a GPU with CIFAR on disk). FORCE=1 reruns every run.
+SCALE ?= smoke
+FORCE ?=
+figures: install
+	$(PY) -m paper_figures.make_figures --scale $(SCALE) $(if $(FORCE),--force,) \
+		$(if $(filter smoke,$(SCALE)),--gallery docs/figures,)
 
 clean:
 	rm -rf $(VENV) .pytest_cache *.egg-info
