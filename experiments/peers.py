@@ -102,20 +102,24 @@ def _patched_pyhessian_torch(module, model, start: torch.Tensor):
         module.torch = original
 
 
+class _Counted:
+    """A product function that counts its calls (every row reports the products it really used)."""
+
+    def __init__(self, product):
+        self.product, self.calls = product, 0
+
+    def __call__(self, v):
+        self.calls += 1
+        return self.product(v)
+
+
 def _pyhessian(model, batches, start, num_steps) -> PeerResult:
     pyh = importlib.import_module("pyhessian.hessian")  # the module (the package exports the class)
     was_training = model.training
     cuda = start.device.type == "cuda"
     with _patched_pyhessian_torch(pyh, model, start):
         h = pyh.hessian(model, torch.nn.CrossEntropyLoss(), dataloader=batches, cuda=cuda)
-        calls = [0]
-        product = h.dataloader_hv_product
-
-        def counted(v):
-            calls[0] += 1
-            return product(v)
-
-        h.dataloader_hv_product = counted
+        counted = h.dataloader_hv_product = _Counted(h.dataloader_hv_product)
         with warnings.catch_warnings():  # its loss.backward(create_graph=True); .grad is cleared below
             warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
             values, weights = h.density(iter=num_steps, n_v=1)
@@ -123,39 +127,27 @@ def _pyhessian(model, batches, start, num_steps) -> PeerResult:
     model.zero_grad(set_to_none=True)  # pyhessian leaves create_graph gradients in .grad
     values = torch.tensor(values[0], dtype=torch.float64)
     order = torch.argsort(values)
-    return PeerResult(values[order], torch.tensor(weights[0], dtype=torch.float64)[order], calls[0],
+    return PeerResult(values[order], torch.tensor(weights[0], dtype=torch.float64)[order], counted.calls,
                       ["patched: torch.eig -> torch.linalg.eigh; start vector from the shared one"])
 
 
 def _eigenthings(model, batches, start, num_steps) -> PeerResult:
     import hessian_eigenthings as he
     op = he.HessianOperator(model, batches, he.supervised_loss(F.cross_entropy), full_dataset=True)
-    calls = [0]
-    product = op.matvec
-
-    def counted(v):
-        calls[0] += 1
-        return product(v)
-
-    op.matvec = counted
+    counted = op.matvec = _Counted(op.matvec)
     td = he.lanczos_tridiagonal(op, start, num_steps, reorthogonalize=True)
     values, weights = from_tridiagonal(td.alphas, td.betas)
     notes = []
     if len({int(y.shape[0]) for _, y in batches}) > 1:
         notes.append("uneven batches: hessian_eigenthings averages batches without size weights")
-    return PeerResult(values, weights, calls[0], notes)
+    return PeerResult(values, weights, counted.calls, notes)
 
 
 def _with_suite_lanczos(matvec, dim, start, num_steps, notes) -> PeerResult:
-    calls = [0]
-
-    def counted(v):
-        calls[0] += 1
-        return matvec(v)
-
+    counted = _Counted(matvec)
     res = lanczos(counted, dim, num_steps, start_vectors=start.unsqueeze(-1), dtype=start.dtype,
                   device=start.device)
-    return PeerResult(res.ritz_values[0], res.ritz_weights[0], calls[0], notes)
+    return PeerResult(res.ritz_values[0], res.ritz_weights[0], counted.calls, notes)
 
 
 def _curvlinops(model, batches, start, num_steps) -> PeerResult:
