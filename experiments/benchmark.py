@@ -22,7 +22,6 @@ see :mod:`experiments.side_by_side`.
 
 from __future__ import annotations
 
-import statistics
 import time
 
 import torch
@@ -31,12 +30,12 @@ from omegaconf import DictConfig
 from curvature import plotting
 from curvature.lanczos import lanczos
 from curvature.operators import LOSSES, HessianOperator, curvature_mode, make_operator
+from curvature.io import write_bytes_atomic
+from curvature.timing import median_seconds
 from curvature.training import peak_memory_bytes
 from experiments import validate as V
 from experiments.networks import build_network, checkpoint_path, load_data, validate_image_dataset, validate_model
-from experiments.runtime import Run
-from curvature.io import write_bytes_atomic
-from experiments.runtime import device_description
+from experiments.runtime import Run, device_description
 from experiments.side_by_side import markdown as side_markdown
 from experiments.side_by_side import side_by_side, validate_side_by_side
 from experiments.spectrum_network import validate_operator
@@ -53,20 +52,6 @@ def validate(cfg: DictConfig) -> dict:
             "targets": {k: V.positive_number(cfg, f"analysis.targets.{k}")
                         for k in ("hessian_ratio", "ggn_ratio", "bookkeeping")},
             "side_by_side": validate_side_by_side(cfg)}
-
-
-def _median_seconds(fn, repeats: int, device: torch.device) -> float:
-    fn()  # warm-up: first-call set-up of torch.func transforms and allocator
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def full_gradient(model, loss_fn, batches, bn_mode: str) -> None:
@@ -93,7 +78,7 @@ def run(cfg: DictConfig) -> dict:
         def measure(quantity: str, fn) -> float:
             if run.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(run.device)
-            seconds = _median_seconds(fn, s["repeats"], run.device)
+            seconds = median_seconds(fn, s["repeats"], run.device)
             rows.append({"quantity": quantity, "seconds": seconds, "peak_memory_bytes": peak_memory_bytes(run.device)})
             print(f"{quantity}: {seconds:.4f} s", flush=True)
             return seconds

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import copy
 import math
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +25,7 @@ from curvature import plotting
 from curvature.models import count_parameters
 from curvature.optim import build_optimizer
 from curvature.seeding import stream_seed
+from curvature.timing import median_seconds
 from curvature.training import (checkpoint_name, curvature_sampler, evaluate, linear_decay_factor,
                                 load_checkpoint, peak_memory_bytes, save_checkpoint, seed_epoch, set_lr,
                                 train_epoch, weight_norms)
@@ -105,10 +104,8 @@ def measure_step_cost(run: Run, s: dict, model: torch.nn.Module, splits) -> dict
         copy_ = copy.deepcopy(model)
         opt = make_optimizer({**s, "optimizer": settings}, copy_)
         observe = getattr(opt, "observe", None)
-        seconds = []
-        for repeat in range(s["step_cost_repeats"] + 1):  # the first is a warm-up
-            _synchronize(run.device)
-            start = time.perf_counter()
+
+        def step():
             opt.zero_grad(set_to_none=True)
             logits = copy_(inputs)
             loss = F.cross_entropy(logits, labels)
@@ -116,17 +113,10 @@ def measure_step_cost(run: Run, s: dict, model: torch.nn.Module, splits) -> dict
                 observe(inputs, labels, logits)
             loss.backward()
             opt.step()
-            _synchronize(run.device)
-            if repeat:
-                seconds.append(time.perf_counter() - start)
-        timings[label] = statistics.median(seconds)
+
+        timings[label] = median_seconds(step, s["step_cost_repeats"], run.device)
     return {"step_seconds": timings["optimizer"], "sgd_step_seconds": timings["sgd"],
             "step_cost_vs_sgd": timings["optimizer"] / timings["sgd"]}
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def learning_rate(s: dict, epoch: int) -> float:
