@@ -65,9 +65,8 @@ def operator_batch_product(op, index: int, inputs, targets, params: dict, vector
     """``op.batch_product`` with the OOM fallback; splits are kept in ``op.oom_splits``
     ({batch index: smallest micro-batch size}) for the results to report."""
     def record(n: int, half: int) -> None:
-        if not op.__dict__.get("oom_splits") and hasattr(op, "clear_cache"):
-            op.clear_cache()  # memory is short: drop cached batch graphs, recompute from now on
-            op._caching = False
+        if not op.__dict__.get("oom_splits") and hasattr(op, "stop_caching"):
+            op.stop_caching()  # memory is short: drop cached batch graphs, recompute from now on
         splits = op.__dict__.setdefault("oom_splits", {})
         splits[index] = min(splits.get(index, n), half)
 

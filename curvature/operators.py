@@ -243,10 +243,7 @@ class CurvatureOperator:
             with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 graph = self._prepare(inputs, targets, leaves)
         except OutOfMemory:
-            self.clear_cache()
-            self._caching = False  # fall back to recomputing the primal for the rest of this operator
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+            self.stop_caching()
             warnings.warn(f"{type(self).__name__}: out of memory while caching a batch graph; "
                           "recomputing the primal for every product from now on", RuntimeWarning, stacklevel=4)
             return None
@@ -263,6 +260,13 @@ class CurvatureOperator:
         """Forget every cached batch graph (they are rebuilt on the next product)."""
         self._graphs.clear()
         self.cache_bytes = 0
+
+    def stop_caching(self) -> None:
+        """Memory is short: drop every cached graph and recompute the primal for the rest of this operator."""
+        self.clear_cache()
+        self._caching = False
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """The curvature of the dataset's mean loss times ``v`` ((P,) or (P, k))."""
