@@ -26,7 +26,7 @@ from curvature.distributed import DistributedOperator, shard
 from curvature.io import torch_save_atomic
 from curvature.lanczos import lanczos
 from curvature.microbatch import describe_splits
-from curvature.operators import LOSSES, OPERATORS, make_operator
+from curvature.operators import CACHE_MODES, LOSSES, OPERATORS, make_operator
 from curvature.spectrum import SpectralMeasure
 from curvature.training import peak_memory_bytes
 from experiments import lanczos_state
@@ -51,7 +51,9 @@ def validate_operator(cfg: DictConfig) -> dict:
             "params": params,
             "batch_size": V.positive_int(cfg, "operator.batch_size", "operator.batch_size=256"),
             "hvp_mode": V.get(cfg, "operator.hvp_mode", "auto"),
-            "check_deterministic": V.boolean(cfg, "operator.check_deterministic")}
+            "check_deterministic": V.boolean(cfg, "operator.check_deterministic"),
+            "cache": None if V.get(cfg, "operator.cache", None) is None else
+            V.choice(cfg, "operator.cache", list(CACHE_MODES))}
 
 
 def validate_network(cfg: DictConfig, common: dict) -> dict:
@@ -89,7 +91,7 @@ def run_network(run: Run) -> dict:
     cost, panels = [], []
     for name in o["names"]:
         op = make_operator(name, model, loss_fn, batches, bn_mode=o["bn_mode"], params=o["params"],
-                           mode=o["hvp_mode"], check_deterministic=o["check_deterministic"])
+                           mode=o["hvp_mode"], check_deterministic=o["check_deterministic"], cache=o["cache"])
         if run.dist_info:
             op = DistributedOperator(op)
         if run.device.type == "cuda":

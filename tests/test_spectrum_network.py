@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from curvature.models import get_model
+from curvature.errors import SuiteError
 from curvature.operators import HessianOperator, get_loss
 from curvature.training import load_checkpoint
 from experiments.run import dispatch
@@ -109,3 +110,18 @@ def test_checkpoint_of_another_model_fails_in_one_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "checkpoint-00001.pt" in lines[0] and "does not fit" in lines[0]
     assert not (out / "results.json").exists()
+
+
+def test_operator_cache_setting_gives_the_same_spectrum_and_bad_values_are_one_line(tmp_path):
+    """operator.cache (primal reuse) changes the cost, never the Ritz values; an unknown mode is refused."""
+    base = ["dataset=digits", "model=mlp", "dataset.num_subsamples=96", "operator.batch_size=32",
+            "analysis.num_steps=8", "analysis.exact_max_dim=0", "logger=none"]
+    ritz = {}
+    for mode in ("none", "all"):
+        cfg = make_cfg(tmp_path / mode, [*base, f"operator.cache={mode}"])
+        dispatch(cfg)
+        ritz[mode] = np.load(tmp_path / mode / "arrays.npz")["hessian_ritz_values"]
+    np.testing.assert_allclose(ritz["all"], ritz["none"], rtol=1e-10, atol=1e-12)
+    with pytest.raises(SuiteError, match="operator.cache"):
+        dispatch(make_cfg(tmp_path / "bad", [*base, "operator.cache=sometimes"]))
+    assert not (tmp_path / "bad" / "results.json").exists()
