@@ -192,7 +192,8 @@ def adam_diagonal(optimizer_state: dict, model: nn.Module, params: Optional[Sequ
 # --- shared machinery ----------------------------------------------------------------------------
 def _helper(model, loss_fn, batches, bn_mode, params) -> CurvatureOperator:
     """An operator object for its batching, parameter selection and ``forward_fn``/``flatten`` helpers."""
-    return GGNOperator(model, loss_fn, batches, bn_mode=bn_mode, params=params, check_deterministic=False)
+    return GGNOperator(model, loss_fn, batches, bn_mode=bn_mode, params=params, check_deterministic=False,
+                       layerwise=False, cache="none")
 
 
 def _estimate(draws: torch.Tensor) -> DiagonalEstimate:

@@ -20,6 +20,15 @@ with its graph) depends only on the batch and the weights, not on the vector. Wi
 2x fewer seconds per Hessian product on a CPU VGG. Batches beyond the budget, ``cache="none"`` and a
 CUDA out-of-memory error while building a graph fall back to recomputing the primal every product.
 A cached graph is dropped when the weights, buffers or batch tensors change (version counters).
+
+Layer-wise products (``layerwise="auto"``, default): for a model that is a chain of standard layers
+(the suite's VGGs, MLP and SmallCNN, or any ``nn.Sequential`` of Conv2d/Linear/ReLU/Tanh/Sigmoid/pooling/
+Flatten/Dropout and running-statistics BatchNorm) with cross-entropy or MSE, products are written out
+layer by layer (:mod:`curvature.layerwise`, Pearlmutter's R-operator) with the fastest convolution
+kernels instead of autograd's double backward: measured 1.3x faster than autograd's cached product on
+a CPU VGG. The operator checks one product against autograd on the first batch and falls back to
+autograd (with a warning) if they differ; anything else (ResNets, BatchNorm with batch statistics,
+other losses) uses autograd. ``engine`` says which is in use, ``layerwise_reason`` why not.
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ from curvature.microbatch import operator_batch_product
 
 BN_MODES = ("train", "eval")
 CACHE_MODES = ("auto", "all", "none")
+LAYERWISE_CHOICES = ("auto", True, False)
 OutOfMemory = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 #: ``cache="auto"`` keeps graphs while they take at most this share of the free device memory.
 CACHE_MEMORY_FRACTION = 0.25
@@ -132,12 +142,13 @@ class CurvatureOperator:
 
     def __init__(self, model: nn.Module, loss_fn: Callable, batches: Iterable, bn_mode: str = "train",
                  params: Optional[Sequence[str]] = None, check_deterministic: bool = True,
-                 progress: bool = False, cache: Optional[str] = None, cache_budget_bytes: Optional[int] = None):
-        cache = self.default_cache if cache is None else cache
-        if cache not in CACHE_MODES:
+                 progress: bool = False, cache: Optional[str] = None, cache_budget_bytes: Optional[int] = None,
+                 layerwise="auto", check_layerwise: bool = True):
+        if cache is not None and cache not in CACHE_MODES:
             raise ValueError(f"cache must be auto, all or none, got {cache!r}")
+        if layerwise not in LAYERWISE_CHOICES:
+            raise ValueError(f"layerwise must be auto, true or false, got {layerwise!r}")
         self.model = model
-        self.cache = cache
         self.loss_fn = loss_fn
         self.bn_mode = bn_mode
         self.progress = progress
@@ -154,14 +165,61 @@ class CurvatureOperator:
             raise SuiteError("the operator's data is empty: check dataset.num_subsamples")
         self.num_products = 0
         self.product_seconds = 0.0
+        self._graphs: dict[int, tuple] = {}
+        self.cache_bytes = 0
+        self._caching = False
+        self.plan = None  # autograd products until the layer-wise plan is built and checked
+        self.plan, self.layerwise_reason = self._layerwise_plan(layerwise, check_layerwise)
+        # The layer-wise primal is small and saves a forward pass (and, for the Hessian, a backward
+        # pass) per product, so it is cached by default for both operators.
+        cache = cache if cache is not None else "auto" if self.plan is not None else self.default_cache
+        self.cache = cache
         self.cache_budget_bytes = (None if cache != "auto" else
                                    cache_budget_bytes if cache_budget_bytes is not None else
                                    int(CACHE_MEMORY_FRACTION * free_memory_bytes(self.device)))
-        self._graphs: dict[int, tuple] = {}
-        self.cache_bytes = 0
         self._caching = cache != "none"
         if check_deterministic:
             self._check_deterministic()
+
+    @property
+    def engine(self) -> str:
+        """``layerwise`` (hand-written R-operator products) or ``autograd``."""
+        return "layerwise" if self.plan is not None else "autograd"
+
+    def _layerwise_plan(self, choice, check: bool = True) -> tuple:
+        """The layer-wise plan when the model and loss allow it and it matches autograd on the first batch.
+
+        ``choice``: ``"auto"`` (use it when possible), ``True`` (required: a one-line error otherwise),
+        ``False`` (autograd products). The check compares one product of a seeded random vector with
+        autograd's on the first batch (relative error 1e-4 in float32, 1e-9 in float64); callers that
+        build many operators of one model (an optimiser, per-batch statistics) check the first only.
+        """
+        from curvature.layerwise import build_plan
+
+        if choice is False:
+            return None, "operator.layerwise=false"
+        plan, reason = build_plan(self.model, self.loss_fn, self.names, self.bn_mode)
+        if plan is not None and check:
+            inputs, targets = next(iter(self.batches))
+            gen = torch.Generator().manual_seed(1)
+            v = torch.randn(self.num_params, 1, generator=gen, dtype=torch.float64).to(self.dtype).to(self.device)
+            tangents, params = self.unflatten(v), self._selected()
+            with curvature_mode(self.model, self.bn_mode):
+                reference = self.flatten(self._fresh_product(inputs, targets, params, tangents), batched=True)
+                self.plan = plan
+                got = self.flatten(self._layerwise_product(self._layerwise_prepare(inputs, targets, params),
+                                                           targets, tangents), batched=True)
+                self.plan = None
+            error = float((got - reference).norm() / reference.norm().clamp(min=1e-30))
+            tol = 1e-9 if self.dtype == torch.float64 else 1e-4
+            if error > tol or not torch.isfinite(got).all():
+                plan, reason = None, f"layer-wise product differs from autograd's by {error:.1e} on the first batch"
+                warnings.warn(f"{type(self).__name__}: {reason}; using autograd products", RuntimeWarning,
+                              stacklevel=4)
+        if plan is None and choice is True:
+            raise SuiteError(f"operator.layerwise=true but the layer-wise products do not apply: {reason}; "
+                             "set operator.layerwise=auto")
+        return plan, reason
 
     # --- parameters as dictionaries ------------------------------------------------------------
     def _fixed(self) -> dict:
@@ -200,8 +258,25 @@ class CurvatureOperator:
         """
         graph = self._graph(inputs, targets, params) if self._caching and self._own_batch(inputs) else None
         if graph is None:
+            if self.plan is not None:
+                return self._layerwise_product(self._layerwise_prepare(inputs, targets, params), targets, vectors)
             return self._fresh_product(inputs, targets, params, vectors)
+        if self.plan is not None:
+            return self._layerwise_product(graph, targets, vectors)
         return self._cached_product(graph, targets, vectors)
+
+    #: the layer-wise product this operator takes: ``"hessian"`` or ``"ggn"``
+    layerwise_kind = ""
+
+    def _layerwise_prepare(self, inputs, targets, params: dict):
+        return self.plan.prepare(inputs, targets, {**self._fixed(), **params},
+                                 gradients=self.layerwise_kind == "hessian")
+
+    def _layerwise_product(self, primal: dict, targets, vectors: dict) -> dict:
+        product = getattr(self.plan, self.layerwise_kind)
+        k = next(iter(vectors.values())).shape[0]
+        columns = [product(primal, targets, {n: t[j] for n, t in vectors.items()}) for j in range(k)]
+        return {n: torch.stack([c[n] for c in columns]) for n in self.names}
 
     def _fresh_product(self, inputs, targets, params: dict, vectors: dict) -> dict:
         raise NotImplementedError
@@ -241,7 +316,8 @@ class CurvatureOperator:
 
         try:
             with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                graph = self._prepare(inputs, targets, leaves)
+                graph = (self._layerwise_prepare(inputs, targets, params) if self.plan is not None
+                         else self._prepare(inputs, targets, leaves))
         except OutOfMemory:
             self.stop_caching()
             warnings.warn(f"{type(self).__name__}: out of memory while caching a batch graph; "
@@ -355,6 +431,7 @@ class HessianOperator(CurvatureOperator):
     """
 
     MODES = ("forward_over_reverse", "reverse_over_reverse")
+    layerwise_kind = "hessian"
 
     def __init__(self, *args, mode: str = "auto", **kwargs):
         if mode not in self.MODES + ("auto",):
@@ -363,7 +440,8 @@ class HessianOperator(CurvatureOperator):
         super().__init__(*args, **kwargs)
         self.mode_seconds: dict[str, float] = {}
         if mode == "auto":
-            self.mode = self._fastest_mode() if self.cache == "none" else "reverse_over_reverse"
+            self.mode = ("reverse_over_reverse" if self.cache != "none" or self.plan is not None
+                         else self._fastest_mode())
 
     def _fastest_mode(self) -> str:
         """Time one product of each mode on the first batch (after a warm-up); keep the faster.
@@ -437,6 +515,7 @@ class GGNOperator(CurvatureOperator):
     """
 
     default_cache = "none"
+    layerwise_kind = "ggn"
 
     def _prepare(self, inputs, targets, leaves):
         outputs = self.forward_fn(inputs)(leaves)

@@ -60,10 +60,12 @@ def loss_statistics(model: nn.Module, loss_fn: Callable, batches, operator: str 
     if z is None:
         z = random_unit_vector(sum(named[n].numel() for n in names), seed, p0.dtype, p0.device)
     losses, grads, products, sizes = [], [], [], []
+    layerwise = "auto"
     for inputs, targets in batches:
         loss, g = batch_gradient(model, names, loss_fn, inputs, targets, bn_mode)
         op = make_operator(operator, model, loss_fn, [(inputs, targets)], bn_mode=bn_mode, params=names,
-                           check_deterministic=False)
+                           check_deterministic=False, layerwise=layerwise, check_layerwise=layerwise == "auto")
+        layerwise = op.engine == "layerwise"  # checked on the first batch; the verdict holds for the rest
         losses.append(loss.to(torch.float64))
         grads.append(g.to(torch.float64))
         products.append(op.matvec(z).to(torch.float64))

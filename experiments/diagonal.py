@@ -129,7 +129,8 @@ def _network(run: Run, s: dict):
 
     def operator(name):
         return make_operator(name, model, loss_fn, batches, bn_mode=o["bn_mode"], params=o["params"],
-                             mode=o["hvp_mode"], check_deterministic=o["check_deterministic"], cache=o["cache"])
+                             mode=o["hvp_mode"], check_deterministic=o["check_deterministic"], cache=o["cache"],
+                             layerwise=o["layerwise"])
 
     std_error, method = None, s["method"]
     try:

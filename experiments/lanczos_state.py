@@ -33,7 +33,8 @@ FREE_KEYS = ("output_dir", "overwrite", "resume", "logger", "run_name", "experim
              "analysis.lanczos_engine", "analysis.operators", "analysis.save_ritz_vectors",
              "analysis.exact_max_dim", "analysis.histogram_bins", "analysis.show_diagonal",
              "analysis.tolerances", "analysis.compare_vectors", "analysis.expect_negative_mass",
-             "analysis.require_checkpoint", "operator.hvp_mode", "operator.check_deterministic")
+             "analysis.require_checkpoint", "operator.hvp_mode", "operator.check_deterministic",
+             "operator.cache", "operator.layerwise")
 
 
 def validate(cfg) -> dict:

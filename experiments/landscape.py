@@ -111,7 +111,7 @@ def _directions(run: Run, s: dict, model, names, splits, loss_fn, op_batches):
         run.note(f"Ritz vectors: {s['ritz_file']} ({saved.get('operator')})")
     else:
         op = make_operator(o["names"][0], model, loss_fn, op_batches, bn_mode=o["bn_mode"], params=o["params"],
-                           check_deterministic=False, cache=o["cache"])
+                           check_deterministic=False, cache=o["cache"], layerwise=o["layerwise"])
         result = lanczos(op.matvec, op.num_params, s["num_steps"], seed=run.seed, dtype=run.dtype,
                          device=run.device, return_vectors=True)
         values, vectors, mask = result.ritz_values[0], result.ritz_vectors[0], result.mask[0]

@@ -53,7 +53,9 @@ def validate_operator(cfg: DictConfig) -> dict:
             "hvp_mode": V.get(cfg, "operator.hvp_mode", "auto"),
             "check_deterministic": V.boolean(cfg, "operator.check_deterministic"),
             "cache": None if V.get(cfg, "operator.cache", None) is None else
-            V.choice(cfg, "operator.cache", list(CACHE_MODES))}
+            V.choice(cfg, "operator.cache", list(CACHE_MODES)),
+            "layerwise": V.choice(cfg, "operator.layerwise", ["auto", True, False], "operator.layerwise=auto")
+            if V.get(cfg, "operator.layerwise", None) is not None else "auto"}
 
 
 def validate_network(cfg: DictConfig, common: dict) -> dict:
@@ -91,7 +93,8 @@ def run_network(run: Run) -> dict:
     cost, panels = [], []
     for name in o["names"]:
         op = make_operator(name, model, loss_fn, batches, bn_mode=o["bn_mode"], params=o["params"],
-                           mode=o["hvp_mode"], check_deterministic=o["check_deterministic"], cache=o["cache"])
+                           mode=o["hvp_mode"], check_deterministic=o["check_deterministic"], cache=o["cache"],
+                           layerwise=o["layerwise"])
         if run.dist_info:
             op = DistributedOperator(op)
         if run.device.type == "cuda":
@@ -110,11 +113,12 @@ def run_network(run: Run) -> dict:
             run.note(f"{name}: {describe_splits(op)}")
             run.metric(f"{name}_oom_split_batches", len(op.oom_splits))
         steps = int(result.num_steps.max())
-        if name == "hessian":
+        run.note(f"{name} products: {op.engine}" + (f" ({op.layerwise_reason})" if op.engine != "layerwise" else ""))
+        if name == "hessian" and op.engine != "layerwise":
             run.note(f"hessian-vector products: {op.mode}" +
                      (f" (auto: {', '.join(f'{k} {v:.3g} s' for k, v in op.mode_seconds.items())})"
                       if op.mode_seconds else ""))
-        cost.append({"operator": name, "product_mode": getattr(op, "mode", "dual_forward"), "num_params": op.num_params, "num_samples": len(data),
+        cost.append({"operator": name, "product_mode": "layerwise" if op.engine == "layerwise" else getattr(op, "mode", "dual_forward"), "num_params": op.num_params, "num_samples": len(data),
                      "lanczos_steps": steps, "operator_products": op.num_products,
                      "seconds_total": seconds, "seconds_per_iteration": seconds / max(op.num_products, 1),
                      "seconds_per_product": op.product_seconds / max(op.num_products, 1),

@@ -207,15 +207,23 @@ def test_cached_graphs_are_dropped_when_the_weights_change():
     assert torch.allclose(op.matvec(v), dense_hessian(model, loss_fn, batches, "train") @ v, atol=1e-10)
 
 
-def test_out_of_memory_while_caching_falls_back_to_recomputing(monkeypatch):
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_out_of_memory_while_caching_falls_back_to_recomputing(monkeypatch, layerwise):
     from curvature import operators
     model, batches, loss_fn = build(tiny_mlp, "cpu"), data("cpu"), get_loss("cross_entropy")
-    op = HessianOperator(model, loss_fn, batches, bn_mode="eval", cache="all", check_deterministic=False)
+    op = HessianOperator(model, loss_fn, batches, bn_mode="eval", cache="all", check_deterministic=False,
+                         layerwise=layerwise)
+    assert op.engine == ("layerwise" if layerwise else "autograd")
+    name = "_layerwise_prepare" if layerwise else "_prepare"
+    calls, prepare = [], getattr(op, name)
 
-    def oom(*args):
-        raise operators.OutOfMemory("CUDA out of memory (simulated)")
+    def oom(*args):  # the first build of a cached graph runs out of memory, later calls work
+        calls.append(1)
+        if len(calls) == 1:
+            raise operators.OutOfMemory("CUDA out of memory (simulated)")
+        return prepare(*args)
 
-    monkeypatch.setattr(op, "_prepare", oom)
+    monkeypatch.setattr(op, name, oom)
     v = torch.randn(op.num_params, dtype=torch.float64)
     with pytest.warns(RuntimeWarning, match="out of memory"):
         out = op.matvec(v)

@@ -201,8 +201,7 @@ def test_sigkill_midway_then_resume_equals_the_uninterrupted_run(tmp_path):
     state = out / "lanczos-state-matrix.pt"
     proc = _start_cli(*SLOW_MATRIX, f"hydra.run.dir={out}")
     _wait_for(state, proc)
-    time.sleep(0.3)
-    _kill(proc)
+    _kill(proc)  # at once: on a fast, idle machine the rest of the run can take well under a second
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "results.json").exists() and state.is_file()
     saved = torch.load(state, weights_only=True)

@@ -1,5 +1,7 @@
 """analysis=spectrum on networks: exact agreement on a small model, files, checks and errors."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -125,3 +127,25 @@ def test_operator_cache_setting_gives_the_same_spectrum_and_bad_values_are_one_l
     with pytest.raises(SuiteError, match="operator.cache"):
         dispatch(make_cfg(tmp_path / "bad", [*base, "operator.cache=sometimes"]))
     assert not (tmp_path / "bad" / "results.json").exists()
+
+
+def test_operator_layerwise_setting_gives_the_same_spectrum_and_says_which_engine(tmp_path):
+    """operator.layerwise picks hand-written or autograd products: same Ritz values, engine in the notes."""
+    base = ["dataset=digits", "model=cnn", "dataset.num_subsamples=96", "operator.batch_size=32",
+            "operator.bn_mode=eval", "analysis.num_steps=8", "analysis.exact_max_dim=0", "logger=none",
+            "dtype=float64"]
+    ritz = {}
+    for choice in ("auto", "false"):
+        dispatch(make_cfg(tmp_path / choice, [*base, f"operator.layerwise={choice}"]))
+        ritz[choice] = np.load(tmp_path / choice / "arrays.npz")["hessian_ritz_values"]
+        results = json.loads((tmp_path / choice / "results.json").read_text())
+        engine = "layerwise" if choice == "auto" else "autograd"
+        assert any(n.startswith(f"hessian products: {engine}") for n in results["notes"]), results["notes"]
+        assert results["tables"]["cost"][0]["product_mode"] != "layerwise" or choice == "auto"
+    np.testing.assert_allclose(ritz["auto"], ritz["false"], rtol=1e-10, atol=1e-12)
+    with pytest.raises(SuiteError, match="operator.layerwise"):
+        dispatch(make_cfg(tmp_path / "bad", [*base, "operator.layerwise=sometimes"]))
+    with pytest.raises(SuiteError, match="operator.layerwise=true but"):  # train-mode BatchNorm: not a chain case
+        dispatch(make_cfg(tmp_path / "train_bn", [*base, "model.batch_norm=true", "operator.bn_mode=train",
+                                                   "operator.layerwise=true"]))
+    assert not (tmp_path / "bad" / "results.json").exists() and not (tmp_path / "train_bn" / "results.json").exists()

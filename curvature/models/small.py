@@ -37,6 +37,10 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
+    def curvature_layers(self) -> list[nn.Module]:
+        """The forward pass as a chain of layers (for the layer-wise curvature products)."""
+        return list(self.net)
+
 
 class SmallCNN(nn.Module):
     """Two 3x3 convolutions (padding 1) with ReLU, average-pooled to 4x4, then one linear layer.
@@ -68,3 +72,7 @@ class SmallCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(self.features(x), 1))
+
+    def curvature_layers(self) -> list[nn.Module]:
+        """The forward pass as a chain of layers (for the layer-wise curvature products)."""
+        return [*self.features, nn.Flatten(1), self.fc]

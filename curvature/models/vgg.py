@@ -78,3 +78,7 @@ class VGG(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.flatten(self.features(x), 1))
+
+    def curvature_layers(self) -> list[nn.Module]:
+        """The forward pass as a chain of layers (for the layer-wise curvature products)."""
+        return [*self.features, nn.Flatten(1), *self.classifier]

@@ -75,6 +75,7 @@ class LanczosNewton(torch.optim.Optimizer):
         self.bn_mode, self.start_vector, self.hvp_mode, self.seed = bn_mode, start_vector, hvp_mode, int(seed)
         self._sampler: Optional[Callable[[], tuple]] = None
         self._observed: Optional[tuple] = None
+        self._layerwise_checked: Optional[bool] = None  # the first operator's verdict on layer-wise products
         self._warned = False
         self.last_ritz_values: Optional[torch.Tensor] = None
 
@@ -96,11 +97,17 @@ class LanczosNewton(torch.optim.Optimizer):
         return self._observed
 
     def _operator(self, batch: tuple):
+        # The first step's operator checks the layer-wise products against autograd; later steps
+        # reuse that verdict instead of paying the check every step.
+        checked = self._layerwise_checked
+        kwargs = dict(bn_mode=self.bn_mode, check_deterministic=False,
+                      layerwise="auto" if checked is None else checked, check_layerwise=checked is None)
         if self.curvature == "ggn":
-            return GGNOperator(self.model, self.loss_fn, [batch], bn_mode=self.bn_mode, check_deterministic=False)
-        op = HessianOperator(self.model, self.loss_fn, [batch], bn_mode=self.bn_mode,
-                             check_deterministic=False, mode=self.hvp_mode)
-        self.hvp_mode = op.mode  # 'auto' times both modes once; later steps reuse the winner
+            op = GGNOperator(self.model, self.loss_fn, [batch], **kwargs)
+        else:
+            op = HessianOperator(self.model, self.loss_fn, [batch], mode=self.hvp_mode, **kwargs)
+            self.hvp_mode = op.mode  # 'auto' times both modes once; later steps reuse the winner
+        self._layerwise_checked = op.engine == "layerwise"
         return op
 
     # --- the step --------------------------------------------------------------------------------
