@@ -123,7 +123,8 @@ def side_by_side(run, model, loss_fn, batches, s: dict) -> list[dict]:
         def job():
             op = make_operator(name, model, loss_fn, batches, bn_mode=o["bn_mode"], params=o["params"],
                                check_deterministic=False, **kwargs)
-            res = lanczos(op.matvec, op.num_params, steps, start_vectors=vectors, dtype=run.dtype, device=device)
+            res = lanczos(op.matvec, op.num_params, steps, start_vectors=vectors, dtype=run.dtype, device=device,
+                          engine="native")  # analysis=spectrum's default engine: m products for m steps
             mask = res.mask
             values, weights = res.ritz_values[mask].reshape(-1), res.ritz_weights[mask].reshape(-1) / len(mask)
             return values, weights, op.num_products, [f"{op.engine} products, cache {op.cache}"]
