@@ -2,7 +2,8 @@
 
     python -m experiments.run experiment=benchmark_cpu     # VGG16 x0.25 (~1M parameters), fake CIFAR-10
 
-For the chosen model and data it times (median of ``analysis.repeats`` runs after one warm-up) one
+For the chosen model and data it times (median of ``analysis.repeats`` rounds after a warm-up round;
+each round runs every quantity in turn, so a slow spell of a shared machine hits all of them alike) one
 full-data gradient (with the model as given, and in the channels-last memory format that the
 layer-wise products use on a CPU), autograd's Hessian-vector product in each mode with the primal
 recomputed, autograd's and the layer-wise product from a cached primal (the first product, which
@@ -25,6 +26,7 @@ see :mod:`experiments.side_by_side`.
 from __future__ import annotations
 
 import copy
+import statistics
 import time
 
 import torch
@@ -34,7 +36,6 @@ from curvature import plotting
 from curvature.lanczos import lanczos
 from curvature.operators import LOSSES, HessianOperator, curvature_mode, make_operator
 from curvature.io import write_bytes_atomic
-from curvature.timing import median_seconds
 from curvature.training import peak_memory_bytes
 from experiments import validate as V
 from experiments.networks import build_network, checkpoint_path, load_data, validate_image_dataset, validate_model
@@ -81,58 +82,54 @@ def run(cfg: DictConfig) -> dict:
         batches = list(splits.train.batches(o["batch_size"], dtype=run.dtype))
         loss_fn = LOSSES[o["loss"]]
         rows = []
-
-        def measure(quantity: str, fn) -> float:
-            if run.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(run.device)
-            seconds = median_seconds(fn, s["repeats"], run.device)
-            rows.append({"quantity": quantity, "seconds": seconds, "peak_memory_bytes": peak_memory_bytes(run.device)})
-            print(f"{quantity}: {seconds:.4f} s", flush=True)
-            return seconds
-
-        grad_s = measure("gradient", lambda: full_gradient(model, loss_fn, batches, o["bn_mode"]))
+        common = dict(bn_mode=o["bn_mode"], params=o["params"], check_deterministic=False)
         # The layer-wise products run convolutions in the channels-last format on a CPU; the same
         # gradient in that format is the stricter reference, so both gradients are timed.
         model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
         batches_cl = [(_channels_last(x), y) for x, y in batches]
-        grad_cl_s = measure("gradient (channels-last)", lambda: full_gradient(model_cl, loss_fn, batches_cl, o["bn_mode"]))
-        del model_cl, batches_cl
-        fastest_grad_s = min(grad_s, grad_cl_s)
-        common = dict(bn_mode=o["bn_mode"], params=o["params"], check_deterministic=False)
-        hvp = {}
-        for mode in HVP_MODES:
-            op = HessianOperator(model, loss_fn, batches, mode=mode, cache="none", layerwise=False, **common)
-            v = torch.randn(op.num_params, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-            v = v.to(device=run.device, dtype=run.dtype)
-            hvp[mode] = measure(f"hessian_product (autograd {mode}, primal recomputed)", lambda: op.matvec(v))
-        fastest = min(hvp, key=hvp.get)
-
-        def cached_rows(label: str, **kwargs) -> tuple:
-            op = HessianOperator(model, loss_fn, batches, cache="all", **common, **kwargs)
-            first = measure(f"hessian_product ({label} cached: first, builds the cache)",
-                            lambda: (op.clear_cache(), op.matvec(v)))
-            op.matvec(v)
-            return op, first, measure(f"hessian_product ({label} cached: repeated)", lambda: op.matvec(v))
-
-        autograd_op, _, _ = cached_rows("autograd", layerwise=False)
-        run.metric("hessian_cache_megabytes_autograd", autograd_op.cache_bytes / 2**20)
-        del autograd_op
-        engine = HessianOperator(model, loss_fn, batches, cache="none", **common)
-        if engine.engine == "layerwise":
-            lw_fresh = measure("hessian_product (layerwise, primal recomputed)", lambda: engine.matvec(v))
-            run.metric("hessian_ratio_layerwise_primal_recomputed", lw_fresh / grad_s)
-            cached, first_s, repeated_s = cached_rows("layerwise")
+        ops = {mode: HessianOperator(model, loss_fn, batches, mode=mode, cache="none", layerwise=False, **common)
+               for mode in HVP_MODES}
+        v = torch.randn(ops[HVP_MODES[0]].num_params, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        v = v.to(device=run.device, dtype=run.dtype)
+        ops["autograd cached"] = HessianOperator(model, loss_fn, batches, cache="all", layerwise=False, **common)
+        layerwise = HessianOperator(model, loss_fn, batches, cache="none", **common)
+        if layerwise.engine == "layerwise":
+            ops["layerwise"] = layerwise
+            ops["layerwise cached"] = HessianOperator(model, loss_fn, batches, cache="all", **common)
+            default = "layerwise cached"
         else:
-            run.note(f"layer-wise products do not apply ({engine.layerwise_reason}): the default path is autograd's")
-            cached, first_s, repeated_s = cached_rows("autograd", layerwise=False)
-        run.metric("hessian_cache_megabytes", cached.cache_bytes / 2**20)
-        del cached, engine
-        ggn_autograd = make_operator("ggn", model, loss_fn, batches, layerwise=False, **common)
-        measure("ggn_product (autograd, dual-number forward)", lambda: ggn_autograd.matvec(v))
-        del ggn_autograd
-        ggn = make_operator("ggn", model, loss_fn, batches, **common)  # the default path
-        ggn_s = measure(f"ggn_product (default: {ggn.engine}, cache {ggn.cache})", lambda: ggn.matvec(v))
-        del ggn
+            run.note(f"layer-wise products do not apply ({layerwise.layerwise_reason}): the default path is autograd's")
+            default = "autograd cached"
+        ops["ggn autograd"] = make_operator("ggn", model, loss_fn, batches, layerwise=False, **common)
+        ops["ggn"] = make_operator("ggn", model, loss_fn, batches, **common)  # the default path
+
+        jobs = {"gradient": lambda: full_gradient(model, loss_fn, batches, o["bn_mode"]),
+                "gradient (channels-last)": lambda: full_gradient(model_cl, loss_fn, batches_cl, o["bn_mode"])}
+        for mode in HVP_MODES:
+            jobs[f"hessian_product (autograd {mode}, primal recomputed)"] = lambda op=ops[mode]: op.matvec(v)
+        for key in ("autograd cached", "layerwise cached"):
+            if key in ops:  # the first product of a run builds the cache; the repeated one reuses it
+                jobs[f"hessian_product ({key}: first, builds the cache)"] = \
+                    lambda op=ops[key]: (op.clear_cache(), op.matvec(v))
+                jobs[f"hessian_product ({key}: repeated)"] = lambda op=ops[key]: op.matvec(v)
+            if key == "autograd cached" and "layerwise" in ops:
+                jobs["hessian_product (layerwise, primal recomputed)"] = lambda op=ops["layerwise"]: op.matvec(v)
+        jobs["ggn_product (autograd, dual-number forward)"] = lambda op=ops["ggn autograd"]: op.matvec(v)
+        jobs[f"ggn_product (default: {ops['ggn'].engine}, cache {ops['ggn'].cache})"] = lambda op=ops["ggn"]: op.matvec(v)
+        seconds = _interleaved(jobs, s["repeats"], run.device, rows)
+        grad_s, grad_cl_s = seconds["gradient"], seconds["gradient (channels-last)"]
+        fastest_grad_s = min(grad_s, grad_cl_s)
+        hvp = {mode: seconds[f"hessian_product (autograd {mode}, primal recomputed)"] for mode in HVP_MODES}
+        fastest = min(hvp, key=hvp.get)
+        first_s = seconds[f"hessian_product ({default}: first, builds the cache)"]
+        repeated_s = seconds[f"hessian_product ({default}: repeated)"]
+        ggn_s = seconds[f"ggn_product (default: {ops['ggn'].engine}, cache {ops['ggn'].cache})"]
+        if "layerwise" in ops:
+            run.metric("hessian_ratio_layerwise_primal_recomputed",
+                       seconds["hessian_product (layerwise, primal recomputed)"] / grad_s)
+        run.metric("hessian_cache_megabytes_autograd", ops["autograd cached"].cache_bytes / 2**20)
+        run.metric("hessian_cache_megabytes", ops[default].cache_bytes / 2**20)
+        del ops, jobs, layerwise, model_cl, batches_cl
 
         op = HessianOperator(model, loss_fn, batches, **common)  # the default path
         op.matvec(v)  # warm-up outside the timed run
@@ -192,6 +189,32 @@ def run(cfg: DictConfig) -> dict:
             text += ["", f"Lanczos, {s['side_by_side']['steps']} steps, side by side:", "", side_markdown(rows2)]
         write_bytes_atomic(run.out_dir / "benchmark.md", ("\n".join(text) + "\n").encode())
         return run.finish(fastest_hvp_mode=fastest, table_files=["benchmark.md"])
+
+
+def _interleaved(jobs: dict, repeats: int, device: torch.device, rows: list) -> dict:
+    """Median seconds of each job over ``repeats`` rounds that run every job in turn (after one warm-up
+    round), so a slow spell of a shared machine hits every quantity alike instead of one of them;
+    appends a row per job. Peak memory: CUDA's peak allocated during the job's calls, on a CPU the
+    process's peak resident size so far."""
+    times: dict[str, list] = {label: [] for label in jobs}
+    peaks = dict.fromkeys(jobs, 0)
+    for round_ in range(repeats + 1):
+        for label, fn in jobs.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if round_:
+                times[label].append(time.perf_counter() - start)
+            peaks[label] = max(peaks[label], peak_memory_bytes(device))
+    seconds = {label: statistics.median(t) for label, t in times.items()}
+    for label in jobs:
+        rows.append({"quantity": label, "seconds": seconds[label], "peak_memory_bytes": peaks[label]})
+        print(f"{label}: {seconds[label]:.4f} s", flush=True)
+    return seconds
 
 
 def _overrides() -> list[str]:
