@@ -187,26 +187,26 @@ class LayerwisePlan:
     # --- products ----------------------------------------------------------------------------
     def hessian(self, primal: dict, targets: torch.Tensor, tangents: dict) -> dict:
         """Hessian of the batch loss times one direction (``{name: tensor}`` over the selected names)."""
-        params, tangents = primal["params"], self._tangents(primal, tangents)
-        with torch.no_grad():
-            rxs = self._r_forward(primal, params, tangents)
-            rg = _ops.loss_hessian_product(self.loss_fn, primal["outputs"], targets, rxs[-1])
-            out: dict[str, torch.Tensor] = {}
-            for index in range(len(self.layers) - 1, self.first - 1, -1):
-                rg = self._r_backward(index, rg, primal, rxs[index], params, tangents, out,
-                                      need_input=index > self.first)
-        return {n: out[n] for n in self.names}
+        return self._product(primal, targets, tangents, hessian=True)
 
     def ggn(self, primal: dict, targets: torch.Tensor, tangents: dict) -> dict:
         """GGN of the batch loss times one direction: ``J^T H_L J v`` (R-forward, then a backward pass)."""
+        return self._product(primal, targets, tangents, hessian=False)
+
+    def _product(self, primal: dict, targets: torch.Tensor, tangents: dict, hessian: bool) -> dict:
+        """R-forward to ``H_L R{z_out}``, then the R-backward (Hessian) or a plain backward of it (GGN)."""
         params, tangents = primal["params"], self._tangents(primal, tangents)
         with torch.no_grad():
             rxs = self._r_forward(primal, params, tangents)
             g = _ops.loss_hessian_product(self.loss_fn, primal["outputs"], targets, rxs[-1])
             out: dict[str, torch.Tensor] = {}
             for index in range(len(self.layers) - 1, self.first - 1, -1):
-                g = self._backward_params(index, g, primal["saved"][index], params, out,
-                                          need_input=index > self.first)
+                if hessian:
+                    g = self._r_backward(index, g, primal, rxs[index], params, tangents, out,
+                                         need_input=index > self.first)
+                else:
+                    g = self._backward_params(index, g, primal["saved"][index], params, out,
+                                              need_input=index > self.first)
         return {n: out[n] for n in self.names}
 
     # --- helpers ---------------------------------------------------------------------------------
