@@ -226,7 +226,8 @@ class CurvatureOperator:
         probe.model = self.model if self.dtype == torch.float64 else copy.deepcopy(self.model).to(torch.float64)
         inputs, targets = next(iter(self.batches))
         inputs, targets = (t[:8].to(torch.float64) if t.is_floating_point() else t[:8] for t in (inputs, targets))
-        probe.batches, probe.dtype, probe._graphs, probe._caching, probe.plan = [(inputs, targets)], torch.float64, {}, False, None
+        probe.batches, probe.dtype, probe.plan = [(inputs, targets)], torch.float64, None
+        probe._graphs, probe._caching = {}, False
         gen = torch.Generator().manual_seed(1)
         tangents = probe.unflatten(torch.randn(self.num_params, 1, generator=gen, dtype=torch.float64).to(self.device))
         params = probe._selected()

@@ -115,7 +115,8 @@ def run(cfg: DictConfig) -> dict:
             if key == "autograd cached" and "layerwise" in ops:
                 jobs["hessian_product (layerwise, primal recomputed)"] = lambda op=ops["layerwise"]: op.matvec(v)
         jobs["ggn_product (autograd, dual-number forward)"] = lambda op=ops["ggn autograd"]: op.matvec(v)
-        jobs[f"ggn_product (default: {ops['ggn'].engine}, cache {ops['ggn'].cache})"] = lambda op=ops["ggn"]: op.matvec(v)
+        ggn_label = f"ggn_product (default: {ops['ggn'].engine}, cache {ops['ggn'].cache})"
+        jobs[ggn_label] = lambda op=ops["ggn"]: op.matvec(v)
         seconds = _interleaved(jobs, s["repeats"], run.device, rows)
         grad_s, grad_cl_s = seconds["gradient"], seconds["gradient (channels-last)"]
         fastest_grad_s = min(grad_s, grad_cl_s)
@@ -123,7 +124,7 @@ def run(cfg: DictConfig) -> dict:
         fastest = min(hvp, key=hvp.get)
         first_s = seconds[f"hessian_product ({default}: first, builds the cache)"]
         repeated_s = seconds[f"hessian_product ({default}: repeated)"]
-        ggn_s = seconds[f"ggn_product (default: {ops['ggn'].engine}, cache {ops['ggn'].cache})"]
+        ggn_s = seconds[ggn_label]
         if "layerwise" in ops:
             run.metric("hessian_ratio_layerwise_primal_recomputed",
                        seconds["hessian_product (layerwise, primal recomputed)"] / grad_s)

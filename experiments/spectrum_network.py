@@ -118,7 +118,8 @@ def run_network(run: Run) -> dict:
             run.note(f"hessian-vector products: {op.mode}" +
                      (f" (auto: {', '.join(f'{k} {v:.3g} s' for k, v in op.mode_seconds.items())})"
                       if op.mode_seconds else ""))
-        cost.append({"operator": name, "product_mode": "layerwise" if op.engine == "layerwise" else getattr(op, "mode", "dual_forward"), "num_params": op.num_params, "num_samples": len(data),
+        mode = "layerwise" if op.engine == "layerwise" else getattr(op, "mode", "dual_forward")
+        cost.append({"operator": name, "product_mode": mode, "num_params": op.num_params, "num_samples": len(data),
                      "lanczos_steps": steps, "operator_products": op.num_products,
                      "seconds_total": seconds, "seconds_per_iteration": seconds / max(op.num_products, 1),
                      "seconds_per_product": op.product_seconds / max(op.num_products, 1),
