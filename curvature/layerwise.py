@@ -153,9 +153,8 @@ class LayerwisePlan:
         """Outputs; with ``keep``, also each layer's saved input and auxiliary data (from ``first`` on)."""
         x, saved = inputs, []
         for index, layer in enumerate(self.layers):
-            p = {local: params[full] for local, full in self.keys[index].items()}
             x_in = x
-            x, aux = self._forward(layer, x, p)
+            x, aux = self._forward(layer, x, self._p(index, params))
             saved.append((x_in, aux) if keep and index >= self.first else None)
         return x, saved
 
@@ -310,10 +309,8 @@ class LayerwisePlan:
     def _backward_input(self, layer: nn.Module, g: torch.Tensor, saved, p: dict) -> torch.Tensor:
         """The primal gradient of the layer's input from that of its output."""
         x, aux = saved
-        if isinstance(layer, nn.Conv2d):
-            return _conv_input_grad(layer, g, x, p["weight"])
-        if isinstance(layer, nn.Linear):
-            return g @ p["weight"]
+        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+            return _layer_backward(layer, g, x, p["weight"], True, False, False)[0]
         if isinstance(layer, nn.ReLU):
             return torch.ops.aten.threshold_backward(g, x, 0)
         if isinstance(layer, _SMOOTH):
@@ -336,12 +333,16 @@ class LayerwisePlan:
         layer, keys = self.layers[index], self.keys[index]
         p = self._p(index, params)
         x, aux = saved
-        if isinstance(layer, (nn.Conv2d, nn.Linear)):
-            if keys["weight"] in self.names:
-                out[keys["weight"]] = _weight_grad(layer, g, x)
-            if "bias" in keys and keys["bias"] in self.names:
-                out[keys["bias"]] = _bias_grad(layer, g)
-        elif isinstance(layer, _BN) and "weight" in keys:
+        if isinstance(layer, (nn.Conv2d, nn.Linear)):  # input, weight and bias gradients in one call
+            want_w = keys["weight"] in self.names
+            want_b = "bias" in keys and keys["bias"] in self.names
+            gi, gw, gb = _layer_backward(layer, g, x, p["weight"], need_input, want_w, want_b)
+            if want_w:
+                out[keys["weight"]] = gw
+            if want_b:
+                out[keys["bias"]] = gb
+            return gi
+        if isinstance(layer, _BN) and "weight" in keys:
             if keys["weight"] in self.names:
                 out[keys["weight"]] = _sum_channels(g * aux[0])
             if keys["bias"] in self.names:
@@ -409,34 +410,15 @@ def _to_cl(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
 
 
-def _bias_grad(layer: nn.Module, g: torch.Tensor) -> torch.Tensor:
-    return g.reshape(-1, g.shape[-1]).sum(0) if isinstance(layer, nn.Linear) else g.sum((0, 2, 3))
-
-
 def _layer_backward(layer: nn.Module, g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, need_input: bool,
                     need_weight: bool, need_bias: bool) -> tuple:
     """Input, weight and bias gradients of a convolution or linear map (None where not needed)."""
     if isinstance(layer, nn.Linear):
         gi = g @ weight if need_input else None
-        gw = _weight_grad(layer, g, x) if need_weight else None
-        return gi, gw, _bias_grad(layer, g) if need_bias else None
+        gw = g.reshape(-1, g.shape[-1]).T @ x.reshape(-1, x.shape[-1]) if need_weight else None
+        return gi, gw, g.reshape(-1, g.shape[-1]).sum(0) if need_bias else None
     if not (need_input or need_weight or need_bias):
         return None, None, None
     return tuple(torch.ops.aten.convolution_backward(
         g, x, weight, [weight.shape[0]] if need_bias else None, list(layer.stride), list(layer.padding),
         list(layer.dilation), False, [0, 0], 1, [need_input, need_weight, need_bias]))
-
-
-def _conv_input_grad(layer: nn.Conv2d, g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return torch.ops.aten.convolution_backward(
-        g, x, weight, None, list(layer.stride), list(layer.padding), list(layer.dilation),
-        False, [0, 0], 1, [True, False, False])[0]
-
-
-def _weight_grad(layer: nn.Module, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    if isinstance(layer, nn.Linear):
-        return g.reshape(-1, g.shape[-1]).T @ x.reshape(-1, x.shape[-1])
-    weight = layer.weight
-    return torch.ops.aten.convolution_backward(
-        g, x, weight, None, list(layer.stride), list(layer.padding), list(layer.dilation),
-        False, [0, 0], 1, [False, True, False])[1]

@@ -26,7 +26,6 @@ see :mod:`experiments.side_by_side`.
 from __future__ import annotations
 
 import copy
-import statistics
 import time
 
 import torch
@@ -36,6 +35,7 @@ from curvature import plotting
 from curvature.lanczos import lanczos
 from curvature.operators import LOSSES, HessianOperator, curvature_mode, make_operator
 from curvature.io import write_bytes_atomic
+from curvature.timing import interleaved_median_seconds
 from curvature.training import peak_memory_bytes
 from experiments import validate as V
 from experiments.networks import build_network, checkpoint_path, load_data, validate_image_dataset, validate_model
@@ -193,25 +193,15 @@ def run(cfg: DictConfig) -> dict:
 
 
 def _interleaved(jobs: dict, repeats: int, device: torch.device, rows: list) -> dict:
-    """Median seconds of each job over ``repeats`` rounds that run every job in turn (after one warm-up
-    round), so a slow spell of a shared machine hits every quantity alike instead of one of them;
-    appends a row per job. Peak memory: CUDA's peak allocated during the job's calls, on a CPU the
-    process's peak resident size so far."""
-    times: dict[str, list] = {label: [] for label in jobs}
+    """Median seconds of each job over interleaved rounds (:func:`interleaved_median_seconds`); appends
+    a row per job. Peak memory: CUDA's peak allocated during the job's calls, on a CPU the process's
+    peak resident size so far."""
     peaks = dict.fromkeys(jobs, 0)
-    for round_ in range(repeats + 1):
-        for label, fn in jobs.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-                torch.cuda.reset_peak_memory_stats(device)
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if round_:
-                times[label].append(time.perf_counter() - start)
-            peaks[label] = max(peaks[label], peak_memory_bytes(device))
-    seconds = {label: statistics.median(t) for label, t in times.items()}
+
+    def record(label: str) -> None:
+        peaks[label] = max(peaks[label], peak_memory_bytes(device))
+
+    seconds = interleaved_median_seconds(jobs, repeats, device, after=record)
     for label in jobs:
         rows.append({"quantity": label, "seconds": seconds[label], "peak_memory_bytes": peaks[label]})
         print(f"{label}: {seconds[label]:.4f} s", flush=True)
