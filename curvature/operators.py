@@ -45,8 +45,11 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from curvature.batches import OperatorData, model_outputs, slice_inputs, versions
 from curvature.errors import NumericalError, SuiteError
+from curvature.losses import as_loss, mse_loss
 from curvature.microbatch import operator_batch_product
 
 BN_MODES = ("train", "eval")
@@ -59,16 +62,8 @@ OutOfMemory = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 CACHE_MEMORY_FRACTION = 0.25
 
 
-# --- losses whose Hessian in the outputs has a closed form ------------------------------------
-def mse_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over all output entries; integer class targets become one-hot vectors."""
-    if not targets.is_floating_point():
-        classes = torch.arange(outputs.shape[-1], device=outputs.device)
-        targets = (targets.unsqueeze(-1) == classes).to(outputs.dtype)  # one-hot, vmap-friendly
-    # Written out: F.mse_loss's backward fails under forward-over-reverse ("ZeroTensors are immutable").
-    return ((outputs - targets) ** 2).mean()
-
-
+# --- losses (their rules live in curvature.losses) ---------------------------------------------
+#: the losses the configs name, as the plain functions the rest of the suite passes around
 LOSSES = {"cross_entropy": F.cross_entropy, "mse": mse_loss}
 
 
@@ -80,24 +75,15 @@ def get_loss(name: str) -> Callable:
 
 def loss_hessian_product(loss_fn: Callable, outputs: torch.Tensor, targets: torch.Tensor,
                          u: torch.Tensor) -> torch.Tensor:
-    """``H_L u`` with ``H_L`` the Hessian of the mean-reduced loss in the outputs.
-
-    Closed forms: cross-entropy over n samples, ``H_i = (diag(p_i) - p_i p_i^T) / n`` with
-    ``p_i = softmax(z_i)``; MSE (mean over all entries), ``H = 2 I / numel``. Any other loss: exact
-    forward-over-reverse product in the (small) output space.
-    """
-    if loss_fn is F.cross_entropy:
-        p = torch.softmax(outputs, dim=-1)
-        return (p * u - p * (p * u).sum(-1, keepdim=True)) / outputs.shape[0]
-    if loss_fn is mse_loss or loss_fn is F.mse_loss:
-        return 2.0 * u / outputs.numel()
-    return jvp(grad(lambda o: loss_fn(o, targets)), (outputs,), (u,))[1]
+    """``H_L u`` with ``H_L`` the Hessian of the batch loss in the outputs (:mod:`curvature.losses`)."""
+    return as_loss(loss_fn).hessian_product(outputs, targets, u)
 
 
 # --- BatchNorm / dropout handling -----------------------------------------------------------------
 @contextmanager
 def curvature_mode(model: nn.Module, bn_mode: str):
-    """Dropout off; BatchNorm in batch-statistics (``train``) or running-statistics (``eval``) mode.
+    """Dropout off; BatchNorm in batch-statistics (``train``) or running-statistics (``eval``) mode;
+    attention through twice-differentiable kernels.
 
     In ``train`` mode running-statistic tracking is switched off for the duration, so BatchNorm
     normalises with batch statistics but writes nothing to its buffers: products are pure functions,
@@ -106,15 +92,21 @@ def curvature_mode(model: nn.Module, bn_mode: str):
     if bn_mode not in BN_MODES:
         raise ValueError(f"bn_mode must be 'train' or 'eval', got {bn_mode!r}")
     saved = [(m, m.training, getattr(m, "track_running_stats", None)) for m in model.modules()]
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     model.eval()
     if bn_mode == "train":
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.train()
                 m.track_running_stats = False
+    # Attention through the composite (math) kernels: the fused ones (flash / memory-efficient SDPA,
+    # nn.MultiheadAttention's fast path) have neither forward-mode nor second derivatives.
+    torch.backends.mha.set_fastpath_enabled(False)
     try:
-        yield model
+        with sdpa_kernel(SDPBackend.MATH):
+            yield model
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         for m, training, tracking in saved:
             m.training = training
             if tracking is not None:
@@ -146,16 +138,19 @@ class CurvatureOperator:
     def __init__(self, model: nn.Module, loss_fn: Callable, batches: Iterable, bn_mode: str = "train",
                  params: Optional[Sequence[str]] = None, check_deterministic: bool = True,
                  progress: bool = False, cache: Optional[str] = None, cache_budget_bytes: Optional[int] = None,
-                 layerwise="auto", check_layerwise: bool = True):
+                 layerwise="auto", check_layerwise: bool = True, forward: Optional[Callable] = None,
+                 unpack: Optional[Callable] = None):
         if cache is not None and cache not in CACHE_MODES:
             raise ValueError(f"cache must be auto, all or none, got {cache!r}")
         if layerwise not in LAYERWISE_CHOICES:
             raise ValueError(f"layerwise must be auto, true or false, got {layerwise!r}")
         self.model = model
-        self.loss_fn = loss_fn
+        self.loss = as_loss(loss_fn)
+        self.loss_fn = self.loss
         self.bn_mode = bn_mode
         self.progress = progress
-        self.batches = batches if iter(batches) is not batches else list(batches)
+        self.forward = forward
+        self._hooked = None if forward is None else _Hooked(model, forward)
         self.names = select_parameters(model, params)
         named = dict(model.named_parameters())
         self.shapes = [named[n].shape for n in self.names]
@@ -163,15 +158,19 @@ class CurvatureOperator:
         self.num_params = sum(self.sizes)
         self.dtype = named[self.names[0]].dtype
         self.device = named[self.names[0]].device
-        self.num_samples = sum(int(y.shape[0]) for _, y in self.batches)
-        if self.num_samples == 0:
-            raise SuiteError("the operator's data is empty: check dataset.num_subsamples")
+        self.data = OperatorData(batches, self.loss, unpack, self.device)
+        self.batches = self.data.batches
+        self.num_samples = self.data.num_samples
+        self.notes = list(self.data.notes)
         self.num_products = 0
         self.product_seconds = 0.0
         self._graphs: dict[int, tuple] = {}
         self.cache_bytes = 0
         self._caching = False
         self.plan = None  # autograd products until the layer-wise plan is built and checked
+        self.forward_ad, self.forward_ad_reason = True, ""
+        if check_layerwise:  # the first operator of a model checks; later ones (an optimiser's) trust it
+            self._preflight()
         self.plan, self.layerwise_reason = self._layerwise_plan(layerwise, check_layerwise)
         # The layer-wise primal is small and saves a forward pass (and, for the Hessian, a backward
         # pass) per product, so it is cached by default for both operators.
@@ -201,7 +200,10 @@ class CurvatureOperator:
 
         if choice is False:
             return None, "operator.layerwise=false"
-        plan, reason = build_plan(self.model, self.loss_fn, self.names, self.bn_mode)
+        if self.forward is not None or not torch.is_tensor(self.batches[0][0]):
+            plan, reason = None, "the model takes a forward hook or dict inputs"
+        else:
+            plan, reason = build_plan(self.model, self.loss_fn, self.names, self.bn_mode)
         if plan is not None and check:
             error = self._layerwise_error()
             if not error <= LAYERWISE_CHECK_TOLERANCE:  # NaN fails too
@@ -264,7 +266,44 @@ class CurvatureOperator:
     def forward_fn(self, inputs: torch.Tensor) -> Callable[[dict], torch.Tensor]:
         """``f(selected params) -> outputs`` with every other parameter and buffer held fixed."""
         fixed = self._fixed()
-        return lambda selected: functional_call(self.model, {**fixed, **selected}, (inputs,))
+        return lambda selected: self._call({**fixed, **selected}, inputs)
+
+    def _call(self, params: dict, inputs) -> torch.Tensor:
+        """The model's outputs with ``params`` ({name: tensor} for every parameter and buffer)."""
+        if self._hooked is not None:
+            out = functional_call(self._hooked, {f"model.{n}": t for n, t in params.items()}, (inputs,))
+        elif isinstance(inputs, dict):
+            out = functional_call(self.model, params, (), inputs)
+        else:
+            out = functional_call(self.model, params, (inputs,))
+        return model_outputs(out)
+
+    # --- the first batch, before any long computation -------------------------------------------
+    def _preflight(self) -> None:
+        """One product on 4 samples of the first batch with the route this operator will take.
+
+        Finds out in seconds whether forward-mode AD runs through the model (some fused kernels have no
+        forward-mode formula: then only reverse-mode routes are used, ``forward_ad_reason`` says why) and
+        whether the model can be differentiated twice at all; if not, a one-line error names the module.
+        """
+        inputs, targets = self.batches[0]
+        n = int(targets.shape[0])
+        x, y = slice_inputs(inputs, n, min(n, 4)), targets[:min(n, 4)]
+        gen = torch.Generator().manual_seed(2)
+        v = self.unflatten(torch.randn(self.num_params, 1, generator=gen, dtype=torch.float64)
+                           .to(dtype=self.dtype, device=self.device))
+        params = self._selected()
+        with curvature_mode(self.model, self.bn_mode):
+            try:
+                jvp(self.forward_fn(x), (params,), ({k: t[0] for k, t in v.items()},))
+            except Exception as exc:  # noqa: BLE001 - any failure means: no forward-mode route
+                self.forward_ad, self.forward_ad_reason = False, _first_line(exc)
+            try:
+                self._fresh_product(x, y, params, v)
+            except SuiteError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - reported as one line naming the module
+                raise SuiteError(_failure_message(self, x, y, params, exc)) from exc
 
     # --- the product -------------------------------------------------------------------------------
     def batch_product(self, inputs, targets, params: dict, vectors: dict) -> dict:
@@ -316,14 +355,14 @@ class CurvatureOperator:
 
     def _graph(self, inputs, targets, params: dict) -> Optional[tuple]:
         """The batch's cached graph, building it when the budget allows; None means recompute."""
-        key = (self._state_key(), inputs._version, targets._version)
+        key = (self._state_key(), versions(inputs), targets._version)
         entry = self._graphs.get(id(inputs))
         if entry is not None and entry[0] is inputs and entry[1] is targets and entry[2] == key:
             return entry[3]
         if entry is not None or (self._graphs and next(iter(self._graphs.values()))[2][0] != key[0]):
             self.clear_cache()  # weights or data changed: every graph is stale
         leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
-        shared = {_storage(t) for t in (*self.model.parameters(), *self.model.buffers(), inputs, targets)}
+        shared = {_storage(t) for t in (*self.model.parameters(), *self.model.buffers(), *_tensors(inputs), targets)}
         storages: dict[int, int] = {}
 
         def pack(t: torch.Tensor) -> torch.Tensor:  # counts what the graph keeps alive beyond the model
@@ -373,7 +412,9 @@ class CurvatureOperator:
         start = time.perf_counter()
         with curvature_mode(self.model, self.bn_mode):
             for index, (inputs, targets) in enumerate(self.batches):
-                weight = targets.shape[0] / self.num_samples
+                weight = self.data.weights[index]
+                if weight == 0.0:  # nothing counted in this batch (every target ignored)
+                    continue
                 product = self.flatten(operator_batch_product(self, index, inputs, targets, params, tangents),
                                        batched=True)  # on CUDA OOM: micro-batches, recombined by size
                 if not torch.all(torch.isfinite(product)):
@@ -406,6 +447,115 @@ class CurvatureOperator:
                           "data is random (dropout, augmentation, shuffling?); Lanczos needs a fixed operator",
                           RuntimeWarning, stacklevel=3)
         self.deterministic = torch.equal(a, b) or torch.allclose(a, b, rtol=tol, atol=0)
+
+
+class _Hooked(nn.Module):
+    """A model called through a user's ``forward(model, inputs)``, so ``functional_call`` can swap its weights."""
+
+    def __init__(self, model: nn.Module, forward: Callable):
+        super().__init__()
+        self.model = model
+        self.hook = forward
+
+    def forward(self, inputs):
+        return self.hook(self.model, inputs)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _failure_message(op: "CurvatureOperator", inputs, targets, params: dict, exc: BaseException) -> str:
+    """One line for a product that failed on the first batch: the module at fault and what to do."""
+    kind = type(op).__name__.replace("Operator", "")
+    name, module, cause = _failing_module(op, inputs, params)
+    if name is None:
+        try:
+            op.loss(op.forward_fn(inputs)(params), targets)
+        except Exception as loss_exc:  # noqa: BLE001
+            return (f"the loss {op.loss.describe()} fails on the model's outputs ({_first_line(loss_exc)}): "
+                    "check the targets' shape and the loss")
+        return (f"the {kind} product fails on the first batch ({_first_line(exc)}); no single module is at fault: "
+                "check the loss and the model's forward")
+    if cause == "forward":
+        return (f"the model fails in module '{name}' ({type(module).__name__}) on the first batch: "
+                f"{_first_line(exc)}; fix the model (its forward raises)")
+    return (f"the {kind} product cannot differentiate module '{name}' ({type(module).__name__}) twice: "
+            f"{_first_line(exc)}; replace it by a twice-differentiable equivalent (composite PyTorch ops) "
+            "or exclude the model part that uses it")
+
+
+def _failing_module(op: "CurvatureOperator", inputs, params: dict):
+    """``(name, module, "forward" | "derivative")`` of the innermost module at fault, or ``(None, None, None)``.
+
+    A forward that raises is pinned on the innermost module being run; otherwise every module call of
+    one forward pass is differentiated twice on its own inputs, smallest modules first.
+    """
+    named = {id(m): (n or type(op.model).__name__) for n, m in op.model.named_modules()}
+    stack, calls, hooks = [], [], []
+
+    def enter(module, args, kwargs):
+        stack.append(module)
+
+    def leave(module, args, kwargs, output):
+        stack.pop()
+        calls.append((module, args, kwargs))
+
+    for m in op.model.modules():
+        hooks.append(m.register_forward_pre_hook(enter, with_kwargs=True))
+        hooks.append(m.register_forward_hook(leave, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            op.forward_fn(inputs)(params)
+    except Exception:  # noqa: BLE001
+        if stack:
+            return named.get(id(stack[-1]), type(stack[-1]).__name__), stack[-1], "forward"
+        return None, None, None
+    finally:
+        for h in hooks:
+            h.remove()
+    size = {id(m): sum(1 for _ in m.modules()) for m in op.model.modules()}
+    for module, args, kwargs in sorted(calls, key=lambda c: size[id(c[0])]):
+        try:
+            _differentiate_twice(module, args, kwargs, op.forward_ad)
+        except Exception:  # noqa: BLE001
+            return named.get(id(module), type(module).__name__), module, "derivative"
+    return None, None, None
+
+
+def _differentiate_twice(module: nn.Module, args, kwargs, forward_ad: bool) -> None:
+    leaves: list[torch.Tensor] = []
+
+    def leaf(x):
+        if torch.is_tensor(x) and x.is_floating_point():
+            t = x.detach().requires_grad_(True)
+            leaves.append(t)
+            return t
+        if isinstance(x, (tuple, list)):
+            return type(x)(leaf(v) for v in x)
+        if isinstance(x, dict):
+            return {k: leaf(v) for k, v in x.items()}
+        return x
+
+    args, kwargs = leaf(args), leaf(kwargs)
+    leaves += [p for p in module.parameters() if p.requires_grad]
+    with torch.enable_grad():
+        out = module(*args, **kwargs)
+        outs = [o for o in (out if isinstance(out, (tuple, list)) else [out])
+                if torch.is_tensor(o) and o.is_floating_point() and o.requires_grad]
+        if not outs or not leaves:
+            return
+        first = sum((o * torch.randn_like(o)).sum() for o in outs)
+        grads = [g for g in torch.autograd.grad(first, leaves, create_graph=True, allow_unused=True)
+                 if g is not None and g.requires_grad]
+        if grads:
+            second = sum((g * torch.randn_like(g)).sum() for g in grads)
+            torch.autograd.grad(second, leaves, allow_unused=True)
+    if forward_ad:
+        with fwAD.dual_level():
+            module(*[fwAD.make_dual(t, torch.randn_like(t)) if torch.is_tensor(t) and t.is_floating_point() else t
+                     for t in args], **kwargs)
 
 
 def _storage(t: torch.Tensor) -> int:
@@ -453,12 +603,13 @@ class HessianOperator(CurvatureOperator):
     def __init__(self, *args, mode: str = "auto", **kwargs):
         if mode not in self.MODES + ("auto",):
             raise ValueError(f"mode must be auto, forward_over_reverse or reverse_over_reverse, got {mode!r}")
-        self.mode = "forward_over_reverse" if mode == "auto" else mode
+        self.requested_mode = mode
+        self.mode = "reverse_over_reverse" if mode == "auto" else mode
         super().__init__(*args, **kwargs)
         self.mode_seconds: dict[str, float] = {}
         if mode == "auto":
             self.mode = ("reverse_over_reverse" if self.cache != "none" or self.plan is not None
-                         else self._fastest_mode())
+                         or not self.forward_ad else self._fastest_mode())
 
     def _fastest_mode(self) -> str:
         """Time one product of each mode on the first batch (after a warm-up); keep the faster.
@@ -496,6 +647,9 @@ class HessianOperator(CurvatureOperator):
 
     def _fresh_product(self, inputs, targets, params, vectors):
         f = self.forward_fn(inputs)
+        if self.mode == "forward_over_reverse" and not self.forward_ad:
+            raise SuiteError(f"operator.hvp_mode=forward_over_reverse needs forward-mode AD, which this model "
+                             f"lacks ({self.forward_ad_reason}); set operator.hvp_mode=auto")
         if self.mode == "reverse_over_reverse":
             return self._double_backward(f, targets, params, vectors)
         gradient = grad(lambda p: self.loss_fn(f(p), targets))
@@ -548,19 +702,21 @@ class GGNOperator(CurvatureOperator):
         with torch.enable_grad():
             for j in range(k):
                 (jv,) = torch.autograd.grad(jtu, u, [vectors[n][j] for n in leaves], retain_graph=True)
-                hjv = loss_hessian_product(self.loss_fn, primal, targets, jv)
+                hjv = self.loss.hessian_product(primal, targets, jv)
                 columns.append(torch.autograd.grad(outputs, list(leaves.values()), hjv, retain_graph=True,
                                                    materialize_grads=True))
         return {n: torch.stack([c[i] for c in columns]) for i, n in enumerate(leaves)}
 
     def _fresh_product(self, inputs, targets, params, vectors):
         f = self.forward_fn(inputs)
+        if not self.forward_ad:
+            return self._reverse_product(inputs, targets, params, vectors)
         if next(iter(vectors.values())).shape[0] == 1:
             return self._dual_product(f, targets, params, vectors)
         outputs, pullback = vjp(f, params)
         outputs = outputs.detach()
         jv = vmap(lambda t: jvp(f, (params,), (t,))[1], randomness="different")(vectors)
-        hjv = vmap(lambda u: loss_hessian_product(self.loss_fn, outputs, targets, u))(jv)
+        hjv = vmap(lambda u: self.loss.hessian_product(outputs, targets, u))(jv)
         return vmap(lambda u: pullback(u)[0])(hjv)
 
 
@@ -572,9 +728,17 @@ class GGNOperator(CurvatureOperator):
                 primal, jv = fwAD.unpack_dual(outputs)
             # The backward runs outside the dual level: inside it, autograd would also push
             # tangents through the backward ops (the Hessian's work), measured 2x slower.
-            hjv = loss_hessian_product(self.loss_fn, primal.detach(), targets, jv)
+            hjv = self.loss.hessian_product(primal.detach(), targets, jv)
             grads = torch.autograd.grad(primal, list(leaves.values()), grad_outputs=hjv)
         return {n: g.unsqueeze(0) for n, g in zip(leaves, grads)}
+
+    def _reverse_product(self, inputs, targets, params, vectors):
+        """Reverse mode only (models whose kernels lack forward-mode AD): ``J v`` as the derivative of
+        ``<J^T u, v>`` in ``u``, through the graph of the cached route built for this product alone."""
+        leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+        with torch.enable_grad():
+            graph = self._prepare(inputs, targets, leaves)
+        return self._cached_product(graph, targets, vectors)
 
 
 OPERATORS = {"hessian": HessianOperator, "ggn": GGNOperator}

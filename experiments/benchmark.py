@@ -33,11 +33,12 @@ from omegaconf import DictConfig
 
 from curvature import plotting
 from curvature.lanczos import lanczos
-from curvature.operators import LOSSES, HessianOperator, curvature_mode, make_operator
+from curvature.operators import HessianOperator, curvature_mode, make_operator
 from curvature.io import write_bytes_atomic
 from curvature.timing import interleaved_median_seconds
 from curvature.training import peak_memory_bytes
 from experiments import validate as V
+from experiments.loss_config import build_loss
 from experiments.networks import build_network, checkpoint_path, load_data, validate_image_dataset, validate_model
 from experiments.runtime import Run, device_description
 from experiments.side_by_side import markdown as side_markdown
@@ -80,7 +81,7 @@ def run(cfg: DictConfig) -> dict:
         splits = load_data(s["dataset"], run.device, run.seed)
         model = build_network(s["model"], splits, run.device, run.dtype, s["checkpoint"])
         batches = list(splits.train.batches(o["batch_size"], dtype=run.dtype))
-        loss_fn = LOSSES[o["loss"]]
+        loss_fn = build_loss(o)
         rows = []
         common = dict(bn_mode=o["bn_mode"], params=o["params"], check_deterministic=False)
         # The layer-wise products run convolutions in the channels-last format on a CPU; the same

@@ -23,9 +23,10 @@ from curvature import plotting
 from curvature.dense import operator_matrix
 from curvature.errors import SuiteError
 from curvature.lanczos import lanczos
-from curvature.operators import LOSSES, OPERATORS, make_operator
+from curvature.operators import OPERATORS, make_operator
 from curvature.spectrum import SpectralMeasure
 from experiments import validate as V
+from experiments.loss_config import build_loss, is_plain
 from experiments.matrices import build_matrix, validate_matrix_dataset
 from experiments.networks import (build_network, checkpoint_path, load_data, require_trained,
                                   validate_image_dataset, validate_model)
@@ -65,6 +66,10 @@ def validate(cfg: DictConfig) -> dict:
              data_split=V.choice(cfg, "analysis.data_split", ["train", "test"]))
     if s["method"] == "mc_ggn":
         s["target"] = "ggn"
+    if not is_plain(s["operator"]):
+        raise V.ConfigError("operator.loss", s["operator"]["loss"], "the diagonal estimators take the plain "
+                            "cross_entropy or mse (mean, no label smoothing)",
+                            "operator.loss=cross_entropy operator.reduction=mean operator.label_smoothing=0")
     if s["method"] == "adam" and s["checkpoint"] is None:
         raise V.ConfigError("analysis.checkpoint", None, "the Adam diagonal is read from a checkpoint's "
                             "optimiser state: give the checkpoint written by analysis=train",
@@ -124,7 +129,7 @@ def _network(run: Run, s: dict):
     data = splits.train if s["data_split"] == "train" else splits.test
     o = s["operator"]
     batches = list(data.batches(o["batch_size"], dtype=run.dtype))
-    loss_fn = LOSSES[o["loss"]]
+    loss_fn = build_loss(o)
     run.metric("num_samples", len(data))
 
     def operator(name):

@@ -19,9 +19,9 @@ import numpy as np
 from omegaconf import DictConfig
 
 from curvature import plotting
-from curvature.operators import LOSSES
 from curvature.stats import STATISTICS, loss_statistics
 from experiments import validate as V
+from experiments.loss_config import build_loss
 from experiments.networks import build_network, load_data, validate_image_dataset, validate_model
 from experiments.runtime import Run
 from experiments.spectrum_network import validate_operator
@@ -69,7 +69,7 @@ def run(cfg: DictConfig) -> dict:
         rows = []
         for path in s["checkpoints"]:
             model = build_network(s["model"], splits, run.device, run.dtype, path)
-            stats = loss_statistics(model, LOSSES[o["loss"]], batches, o["names"][0], o["bn_mode"], o["params"],
+            stats = loss_statistics(model, build_loss(o), batches, o["names"][0], o["bn_mode"], o["params"],
                                     seed=run.seed)
             rows.append({"checkpoint": path, "epoch": _epoch(path), **stats})
         run.table("loss_stats", rows)

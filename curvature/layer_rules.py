@@ -1,0 +1,432 @@
+"""One rule per layer kind: what :class:`curvature.layerwise.LayerwisePlan` needs to know about a layer.
+
+A rule is bound to one layer and gives, in the notation of :mod:`curvature.layerwise` (``x`` the
+layer's input, ``y`` its output, ``g`` primal gradients of the loss, ``R{.}`` directional derivatives
+along the parameter direction ``v``):
+
+* :meth:`~LayerRule.why_unsupported`: a reason the layer-wise path cannot take this layer, or None;
+* :meth:`~LayerRule.forward`: ``(y, aux)``, ``aux`` being what the other steps reuse (a mask, indices);
+* :meth:`~LayerRule.r_forward`: ``R{y}`` from ``R{x}`` (None: zero) and the layer's own direction;
+* :meth:`~LayerRule.backward_input`: ``g_x`` from ``g_y``;
+* :meth:`~LayerRule.backward_params`: the plain backward step, ``g_x`` and the parameter gradients;
+* :meth:`~LayerRule.r_backward`: ``R{g_x}`` and ``R{parameter gradients}`` from ``R{g_y}``;
+* :attr:`~LayerRule.second_order`: whether the R-backward also reads the primal ``g_y`` and ``R{x}``
+  (parametrised layers and curved activations; piecewise-linear layers pass ``R`` through their masks).
+
+Parameters are dictionaries by the layer's local names (``weight``, ``bias``); ``want`` is the set of
+local names whose gradients are asked for. Adding a layer kind means adding one rule and one line in
+:data:`LAYER_RULES`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LayerRule:
+    """The interface; its defaults are those of the identity map (no parameters, ``R`` and ``g`` pass)."""
+
+    second_order = False
+
+    def __init__(self, layer: nn.Module):
+        self.layer = layer
+
+    @classmethod
+    def why_unsupported(cls, layer: nn.Module, bn_mode: str) -> Optional[str]:
+        return None
+
+    def forward(self, x: torch.Tensor, p: dict) -> tuple:
+        return x, None
+
+    def r_forward(self, rx, x, aux, p: dict, v: dict):
+        """``R{y}``; the plan calls it only when ``R{x}`` or ``v`` is non-zero."""
+        return rx
+
+    def backward_input(self, g: torch.Tensor, x, aux, p: dict) -> torch.Tensor:
+        return g
+
+    def backward_params(self, g, x, aux, p: dict, want: set, need_input: bool) -> tuple:
+        return (self.backward_input(g, x, aux, p) if need_input else None), {}
+
+    def r_backward(self, rg, g, rx, x, aux, p: dict, v: dict, want: set, need_input: bool) -> tuple:
+        """``(R{g_x}, {local name: R{g_param}})``; ``g`` and ``rx`` are None unless :attr:`second_order`."""
+        return self.backward_params(rg, x, aux, p, want, need_input)
+
+
+class IdentityRule(LayerRule):
+    """``Identity`` and ``Dropout`` (switched off by the operators' curvature mode)."""
+
+
+class LinearPassRule(LayerRule):
+    """A fixed linear map (``Flatten``, average pooling): ``R`` passes through it, the backward is its transpose."""
+
+    def forward(self, x, p):
+        return self.layer(x), None
+
+    def r_forward(self, rx, x, aux, p, v):
+        return self.layer(rx)
+
+    def backward_input(self, g, x, aux, p):
+        with torch.enable_grad():
+            probe = torch.zeros_like(x, requires_grad=True)
+            return torch.autograd.grad(self.layer(probe), probe, g)[0]  # linear: the transpose
+
+
+class ReLURule(LayerRule):
+    """Piecewise linear: the mask ``x > 0``, read from the saved input, carries ``R`` and ``g`` alike."""
+
+    def forward(self, x, p):
+        return torch.relu(x), None
+
+    def r_forward(self, rx, x, aux, p, v):
+        return torch.ops.aten.threshold_backward(rx, x, 0)
+
+    def backward_input(self, g, x, aux, p):
+        return torch.ops.aten.threshold_backward(g, x, 0)
+
+
+class LeakyReLURule(LayerRule):
+    """Piecewise linear with slope ``negative_slope`` where ``x <= 0`` (``leaky_relu_backward``'s convention)."""
+
+    def forward(self, x, p):
+        return F.leaky_relu(x, self.layer.negative_slope), None
+
+    def r_forward(self, rx, x, aux, p, v):
+        return self.backward_input(rx, x, aux, p)
+
+    def backward_input(self, g, x, aux, p):
+        return torch.ops.aten.leaky_relu_backward(g, x, self.layer.negative_slope, False)
+
+
+class MaxPoolRule(LayerRule):
+    """Piecewise linear: the pooling indices pick ``R{x}`` and scatter ``g`` back."""
+
+    @classmethod
+    def why_unsupported(cls, layer, bn_mode):
+        return "MaxPool2d with dilation" if layer.dilation not in (1, (1, 1)) else None
+
+    def forward(self, x, p):
+        layer = self.layer
+        return F.max_pool2d(x, layer.kernel_size, layer.stride, layer.padding, 1, layer.ceil_mode,
+                            return_indices=True)
+
+    def r_forward(self, rx, x, aux, p, v):
+        n, c = aux.shape[:2]
+        return rx.reshape(n, c, -1).gather(2, aux.reshape(n, c, -1)).view(aux.shape)
+
+    def backward_input(self, g, x, aux, p):
+        layer = self.layer
+        return torch.ops.aten.max_pool2d_with_indices_backward(
+            g, x, _pair(layer.kernel_size), _pair(layer.stride), _pair(layer.padding), [1, 1], layer.ceil_mode, aux)
+
+
+class SmoothActivationRule(LayerRule):
+    """An elementwise ``y = s(x)`` with ``s''`` not zero: ``R{y} = s'(x) R{x}``, ``g_x = s'(x) g_y`` and
+    ``R{g_x} = s'(x) R{g_y} + s''(x) R{x} g_y``. Subclasses give ``s`` and its two derivatives, from the
+    input ``x`` or from ``aux`` (the output, for tanh and the sigmoid)."""
+
+    second_order = True
+
+    def activation(self, x: torch.Tensor) -> tuple:
+        """``(y, aux)``."""
+        raise NotImplementedError
+
+    def first(self, x: torch.Tensor, aux) -> torch.Tensor:
+        """``s'(x)``."""
+        raise NotImplementedError
+
+    def second(self, x: torch.Tensor, aux, first: torch.Tensor) -> torch.Tensor:
+        """``s''(x)``, given ``first = s'(x)``."""
+        raise NotImplementedError
+
+    def forward(self, x, p):
+        return self.activation(x)
+
+    def r_forward(self, rx, x, aux, p, v):
+        return rx * self.first(x, aux)
+
+    def backward_input(self, g, x, aux, p):
+        return g * self.first(x, aux)
+
+    def r_backward(self, rg, g, rx, x, aux, p, v, want, need_input):
+        if not need_input:
+            return None, {}
+        first = self.first(x, aux)
+        result = rg * first
+        return (result if rx is None else result + self.second(x, aux, first) * rx * g), {}
+
+
+class TanhRule(SmoothActivationRule):
+    """``s' = 1 - y^2``, ``s'' = -2 y s'`` from the output ``y``."""
+
+    def activation(self, x):
+        y = torch.tanh(x)
+        return y, y
+
+    def first(self, x, y):
+        return 1.0 - y * y
+
+    def second(self, x, y, first):
+        return -2.0 * y * first
+
+
+class SigmoidRule(SmoothActivationRule):
+    """``s' = y (1 - y)``, ``s'' = s' (1 - 2 y)`` from the output ``y``."""
+
+    def activation(self, x):
+        y = torch.sigmoid(x)
+        return y, y
+
+    def first(self, x, y):
+        return y * (1.0 - y)
+
+    def second(self, x, y, first):
+        return first * (1.0 - 2.0 * y)
+
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_GELU_TANH_CUBIC = 0.044715  # torch's tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+
+
+class GELURule(SmoothActivationRule):
+    """``x Phi(x)``: ``s' = Phi + x phi``, ``s'' = phi (2 - x^2)``; for ``approximate="tanh"``,
+    ``0.5 x (1 + t)`` with ``t = tanh(u)``, ``u = c (x + a x^3)``: ``s' = (1 + t)/2 + x (1 - t^2) u' / 2``,
+    ``s'' = (1 - t^2) (u' + x (u'' - 2 t u'^2) / 2)``."""
+
+    def activation(self, x):
+        return F.gelu(x, approximate=self.layer.approximate), None
+
+    def _tanh_terms(self, x):
+        t = torch.tanh(_SQRT_2_OVER_PI * (x + _GELU_TANH_CUBIC * x ** 3))
+        du = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_TANH_CUBIC * x * x)
+        return t, du
+
+    def first(self, x, aux):
+        if self.layer.approximate == "tanh":
+            t, du = self._tanh_terms(x)
+            return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
+        density = torch.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+        return 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0))) + x * density
+
+    def second(self, x, aux, first):
+        if self.layer.approximate == "tanh":
+            t, du = self._tanh_terms(x)
+            d2u = 6.0 * _SQRT_2_OVER_PI * _GELU_TANH_CUBIC * x
+            return (1.0 - t * t) * (du + 0.5 * x * (d2u - 2.0 * t * du * du))
+        return torch.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi) * (2.0 - x * x)
+
+
+class SiLURule(SmoothActivationRule):
+    """``x sigma(x)``: ``s' = sigma (1 + x (1 - sigma))``, ``s'' = sigma (1 - sigma) (2 + x (1 - 2 sigma))``."""
+
+    def activation(self, x):
+        return F.silu(x), None
+
+    def first(self, x, aux):
+        sig = torch.sigmoid(x)
+        return sig * (1.0 + x * (1.0 - sig))
+
+    def second(self, x, aux, first):
+        sig = torch.sigmoid(x)
+        return sig * (1.0 - sig) * (2.0 + x * (1.0 - 2.0 * sig))
+
+
+class SoftplusRule(SmoothActivationRule):
+    """``log(1 + exp(beta x)) / beta``, and ``x`` where ``beta x > threshold`` (as ``F.softplus``):
+    ``s' = sigma(beta x)``, ``s'' = beta sigma (1 - sigma)``, and 1 and 0 on the linear part."""
+
+    def activation(self, x):
+        return F.softplus(x, self.layer.beta, self.layer.threshold), None
+
+    def first(self, x, aux):
+        z = self.layer.beta * x
+        return torch.where(z > self.layer.threshold, torch.ones_like(x), torch.sigmoid(z))
+
+    def second(self, x, aux, first):
+        z = self.layer.beta * x
+        return torch.where(z > self.layer.threshold, torch.zeros_like(x), self.layer.beta * first * (1.0 - first))
+
+
+class LinearMapRule(LayerRule):
+    """``y = W * x + b``, a convolution (zero padding, ``groups=1``) or a linear map.
+
+    R-forward ``R{y} = W * R{x} + V_W * x + V_b``; R-backward ``R{g_x} = W^T R{g_y} + V_W^T g_y``,
+    ``R{g_W} = R{g_y} (x) x + g_y (x) R{x}``, ``R{g_b} = sum R{g_y}``: two backward passes through the
+    layer, of ``R{g_y}`` with ``(x, W)`` and of ``g_y`` with ``(R{x}, V_W)``. ``aux``: the output's shape.
+    """
+
+    second_order = True
+
+    def __init__(self, layer):
+        super().__init__(layer)
+        self.conv = isinstance(layer, nn.Conv2d)
+
+    @classmethod
+    def why_unsupported(cls, layer, bn_mode):
+        if isinstance(layer, nn.Conv2d) and (layer.groups != 1 or layer.padding_mode != "zeros"
+                                             or isinstance(layer.padding, str)):
+            return f"{type(layer).__name__} with groups/padding mode/string padding"
+        return None
+
+    def _map(self, x, weight, bias=None):
+        layer = self.layer
+        return F.conv2d(x, weight, bias, layer.stride, layer.padding, layer.dilation) if self.conv else \
+            F.linear(x, weight, bias)
+
+    def forward(self, x, p):
+        y = self._map(x, p["weight"], p.get("bias"))
+        return y, y.shape
+
+    def r_forward(self, rx, x, aux, p, v):
+        out = None
+        if rx is not None and "weight" in v:
+            out = self._map(rx, p["weight"]) + self._map(x, v["weight"])
+        elif rx is not None:
+            out = self._map(rx, p["weight"])
+        elif "weight" in v:
+            out = self._map(x, v["weight"])
+        if "bias" in v:
+            bias = v["bias"].view(1, -1, 1, 1) if self.conv else v["bias"]
+            out = bias.expand(aux) if out is None else out + bias
+        return out
+
+    def backward_input(self, g, x, aux, p):
+        return self._backward(g, x, p["weight"], True, False, False)[0]
+
+    def backward_params(self, g, x, aux, p, want, need_input):
+        gi, gw, gb = self._backward(g, x, p["weight"], need_input, "weight" in want, "bias" in want)
+        return gi, self._named(gw, gb)
+
+    def r_backward(self, rg, g, rx, x, aux, p, v, want, need_input):
+        want_w, want_b = "weight" in want, "bias" in want
+        gi, gw, gb = self._backward(rg, x, p["weight"], need_input, want_w, want_b)
+        if "weight" in v or (want_w and rx is not None):
+            gi2, gw2, _ = self._backward(g, rx if rx is not None else x, v.get("weight", p["weight"]),
+                                         need_input and "weight" in v, want_w and rx is not None, False)
+            gi = gi + gi2 if gi2 is not None else gi
+            gw = gw + gw2 if gw2 is not None else gw
+        return gi, self._named(gw, gb)
+
+    @staticmethod
+    def _named(gw, gb) -> dict:
+        grads = {}
+        if gw is not None:
+            grads["weight"] = gw
+        if gb is not None:
+            grads["bias"] = gb
+        return grads
+
+    def _backward(self, g, x, weight, need_input: bool, need_weight: bool, need_bias: bool) -> tuple:
+        """Input, weight and bias gradients (None where not needed) in one call of the backward kernel."""
+        if not self.conv:
+            gi = g @ weight if need_input else None
+            gw = g.reshape(-1, g.shape[-1]).T @ x.reshape(-1, x.shape[-1]) if need_weight else None
+            return gi, gw, g.reshape(-1, g.shape[-1]).sum(0) if need_bias else None
+        if not (need_input or need_weight or need_bias):
+            return None, None, None
+        layer = self.layer
+        return tuple(torch.ops.aten.convolution_backward(
+            g, x, weight, [weight.shape[0]] if need_bias else None, list(layer.stride), list(layer.padding),
+            list(layer.dilation), False, [0, 0], 1, [need_input, need_weight, need_bias]))
+
+
+class BatchNormEvalRule(LayerRule):
+    """BatchNorm with running statistics: the per-channel affine map ``y = gamma xhat + beta`` with
+    ``xhat = (x - mean) s``, ``s = 1 / sqrt(var + eps)``; ``aux = (xhat, s)``.
+    ``R{g_gamma} = sum R{g_y} xhat + g_y R{x} s``, ``R{g_x} = gamma s R{g_y} + V_gamma s g_y``."""
+
+    second_order = True
+
+    @classmethod
+    def why_unsupported(cls, layer, bn_mode):
+        if bn_mode != "eval" or layer.running_mean is None:
+            return "BatchNorm with batch statistics (bn_mode=train)"
+        return None
+
+    def forward(self, x, p):
+        layer = self.layer
+        scale = torch.rsqrt(layer.running_var + layer.eps)
+        xhat = (x - _bshape(layer.running_mean, x)) * _bshape(scale, x)
+        y = xhat * _bshape(p["weight"], x) + _bshape(p["bias"], x) if "weight" in p else xhat
+        return y, (xhat, scale)
+
+    def r_forward(self, rx, x, aux, p, v):
+        xhat, scale = aux
+        out = None if rx is None else rx * _bshape(scale * p["weight"] if "weight" in p else scale, rx)
+        if "weight" in v:
+            term = xhat * _bshape(v["weight"], xhat)
+            out = term if out is None else out + term
+        if "bias" in v:
+            term = _bshape(v["bias"], xhat)
+            out = term.expand_as(xhat).contiguous() if out is None else out + term
+        return out
+
+    def backward_input(self, g, x, aux, p):
+        scale = aux[1]
+        return g * _bshape(scale * p["weight"] if "weight" in p else scale, g)
+
+    def backward_params(self, g, x, aux, p, want, need_input):
+        grads = {}
+        if "weight" in want:
+            grads["weight"] = _sum_channels(g * aux[0])
+        if "bias" in want:
+            grads["bias"] = _sum_channels(g)
+        return (self.backward_input(g, x, aux, p) if need_input else None), grads
+
+    def r_backward(self, rg, g, rx, x, aux, p, v, want, need_input):
+        xhat, scale = aux
+        grads = {}
+        if "weight" in want:
+            term = rg * xhat if rx is None else rg * xhat + g * rx * _bshape(scale, rx)
+            grads["weight"] = _sum_channels(term)
+        if "bias" in want:
+            grads["bias"] = _sum_channels(rg)
+        if not need_input:
+            return None, grads
+        result = self.backward_input(rg, x, aux, p)
+        if "weight" in v:
+            result = result + g * _bshape(scale * v["weight"], g)
+        return result, grads
+
+
+#: layer types and their rules; the first entry whose types match a layer is its rule
+LAYER_RULES: list[tuple[tuple[type, ...], type[LayerRule]]] = [
+    ((nn.Conv2d, nn.Linear), LinearMapRule),
+    ((nn.BatchNorm1d, nn.BatchNorm2d), BatchNormEvalRule),
+    ((nn.ReLU,), ReLURule),
+    ((nn.LeakyReLU,), LeakyReLURule),
+    ((nn.Tanh,), TanhRule),
+    ((nn.Sigmoid,), SigmoidRule),
+    ((nn.GELU,), GELURule),
+    ((nn.SiLU,), SiLURule),
+    ((nn.Softplus,), SoftplusRule),
+    ((nn.MaxPool2d,), MaxPoolRule),
+    ((nn.Flatten, nn.AvgPool2d, nn.AdaptiveAvgPool2d), LinearPassRule),
+    ((nn.Dropout, nn.Identity), IdentityRule),
+]
+
+
+def rule_class(layer: nn.Module) -> Optional[type[LayerRule]]:
+    """The rule for ``layer``'s kind, or None when the layer-wise path has none."""
+    for types, rule in LAYER_RULES:
+        if isinstance(layer, types):
+            return rule
+    return None
+
+
+def _bshape(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-channel vector shaped to broadcast over ``like`` (channels in dim 1)."""
+    return t.view(1, -1, *([1] * (like.dim() - 2)))
+
+
+def _sum_channels(t: torch.Tensor) -> torch.Tensor:
+    return t.sum(dim=[d for d in range(t.dim()) if d != 1])
+
+
+def _pair(value) -> list:
+    return list(value) if isinstance(value, (tuple, list)) else [value, value]
