@@ -1,5 +1,9 @@
 """Training and evaluation of classifiers on device-resident data (the paper's Sec. 7 recipe).
 
+A batch's loss is a mean over its samples, or over its tokens for a language model's ``(N, T, V)``
+logits with ``(N, T)`` targets (:class:`curvature.losses.CrossEntropy`); accuracies count the same
+rows (samples or tokens), and epoch means weight each batch by its number of them.
+
 Randomness is re-seeded at every epoch from ``(seed, epoch)`` (data order, augmentation, dropout), so
 a run resumed from the checkpoint written after epoch ``e`` ends with the same weights as an
 uninterrupted run: the checkpoint holds everything else (model, optimiser, SWA state).
@@ -20,6 +24,7 @@ from tqdm.auto import tqdm
 
 from curvature.errors import NumericalError, SuiteError
 from curvature.io import torch_save_atomic
+from curvature.losses import as_loss
 from curvature.seeding import stream_seed
 
 
@@ -57,14 +62,16 @@ def train_epoch(model: torch.nn.Module, data, optimizer: torch.optim.Optimizer, 
                 generator: torch.Generator, augment: bool, dtype: torch.dtype = torch.float32,
                 loss_fn: Callable = F.cross_entropy, epoch: int = 0, progress: bool = True,
                 after_step: Optional[Callable[[], None]] = None) -> dict:
-    """One pass over ``data`` (an ``ImageData``) in shuffled mini-batches; returns loss / accuracies.
+    """One pass over ``data`` (an ``ImageData`` or ``TextData``) in shuffled mini-batches; returns loss /
+    accuracies per sample or token, and ``images_per_s`` in samples (windows of text) per second.
 
     An optimiser with ``observe(inputs, labels, logits)`` (K-FAC, the Newton optimisers) is shown each
     batch after the forward pass and before the backward. ``step_time_s`` sums the time of those
     calls and of ``optimizer.step()`` (host clock: on CUDA it includes only what the step waits for).
     """
     model.train()
-    total_loss, correct, top5, seen = 0.0, 0, 0, 0
+    loss_of = as_loss(loss_fn)
+    total_loss, counted, correct, top5, predicted, seen = 0.0, 0.0, 0, 0, 0, 0
     observe = getattr(optimizer, "observe", None)
     step_time = 0.0
     start = time.perf_counter()
@@ -74,7 +81,7 @@ def train_epoch(model: torch.nn.Module, data, optimizer: torch.optim.Optimizer, 
                                                   unit="batch", leave=False, disable=None if progress else True)):
         optimizer.zero_grad(set_to_none=True)
         logits = model(inputs)
-        loss = loss_fn(logits, labels)
+        loss = loss_of(logits, labels)
         if not torch.isfinite(loss):
             raise NumericalError(f"training loss is {float(loss.detach())} at epoch {epoch}, batch {index}: "
                                  "lower the learning rate (optimizer.lr) or check the data")
@@ -88,13 +95,15 @@ def train_epoch(model: torch.nn.Module, data, optimizer: torch.optim.Optimizer, 
         step_time += time.perf_counter() - tick
         if after_step is not None:
             after_step()
-        n = labels.shape[0]
-        total_loss += float(loss.detach()) * n
+        denominator = loss_of.denominator(labels)  # what the batch mean divided by: samples or tokens
+        total_loss += float(loss.detach()) * denominator
+        counted += denominator
         correct += _topk_correct(logits.detach(), labels, 1)
         top5 += _topk_correct(logits.detach(), labels, 5)
-        seen += n
+        predicted += labels.numel()
+        seen += labels.shape[0]
     elapsed = time.perf_counter() - start
-    return {"loss": total_loss / seen, "accuracy": correct / seen, "top5_accuracy": top5 / seen,
+    return {"loss": total_loss / counted, "accuracy": correct / predicted, "top5_accuracy": top5 / predicted,
             "time_s": elapsed, "images_per_s": seen / elapsed if elapsed > 0 else float("nan"),
             "step_time_s": step_time, "num_steps": num_batches}
 
@@ -108,7 +117,7 @@ def curvature_sampler(data, batch_size: int, generator: torch.Generator, augment
 
     def draw() -> tuple:
         order = torch.randperm(len(data), generator=generator, device=generator.device)[:size]
-        subset = data.subset(order.to(data.images.device))
+        subset = data.subset(order)  # subset() moves the indices to the data's device
         return next(subset.batches(size, augment=augment, generator=generator, dtype=dtype))
     return draw
 
@@ -116,19 +125,21 @@ def curvature_sampler(data, batch_size: int, generator: torch.Generator, augment
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data, batch_size: int = 1000, dtype: torch.dtype = torch.float32,
              loss_fn: Callable = F.cross_entropy) -> dict:
-    """Mean loss and top-1 / top-5 accuracy over ``data`` in eval mode (BatchNorm running stats)."""
+    """Mean loss and top-1 / top-5 accuracy over ``data`` (per sample, or per token of a language
+    model) in eval mode (BatchNorm running stats)."""
     was_training = model.training
     model.eval()
-    total_loss, correct, top5, seen = 0.0, 0, 0, 0
+    mean_of, sum_of = as_loss(loss_fn), as_loss(loss_fn, reduction="sum")
+    total_loss, counted, correct, top5, predicted = 0.0, 0.0, 0, 0, 0
     for inputs, labels in data.batches(batch_size, dtype=dtype):
         logits = model(inputs)
-        n = labels.shape[0]
-        total_loss += float(loss_fn(logits, labels, reduction="sum"))
+        total_loss += float(sum_of(logits, labels))
+        counted += mean_of.denominator(labels)
         correct += _topk_correct(logits, labels, 1)
         top5 += _topk_correct(logits, labels, 5)
-        seen += n
+        predicted += labels.numel()
     model.train(was_training)
-    return {"loss": total_loss / seen, "accuracy": correct / seen, "top5_accuracy": top5 / seen}
+    return {"loss": total_loss / counted, "accuracy": correct / predicted, "top5_accuracy": top5 / predicted}
 
 
 def weight_norms(model: torch.nn.Module) -> dict:

@@ -1,8 +1,10 @@
-"""What every network analysis shares: the image dataset, the model, an optional checkpoint.
+"""What every network analysis shares: the image (or text) dataset, the model, an optional checkpoint.
 
 ``dataset.fake=true`` runs a CIFAR preset on small fake files in the official format (written once
 into ``dataset.data_dir``, default ``<cache>/fake-<name>-<train>-<test>``): the CPU smoke variant of
-the paper's GPU presets, on the same code paths.
+the paper's GPU presets, on the same code paths. ``dataset=text`` (windows of characters,
+:mod:`curvature.text`) goes with a language model (``model=gpt_tiny`` or a ``_target_``) in the
+analyses that pass ``allow_text=True``.
 """
 
 from __future__ import annotations
@@ -15,18 +17,24 @@ from omegaconf import DictConfig
 
 from curvature.data import DataSplits, default_data_dir, load_splits, verify_cifar, write_fake_cifar
 from curvature.errors import DataError
-from curvature.models import build_model
+from curvature.models import MODELS, build_model
+from curvature.text import TextSplits, load_text
 from curvature.training import load_checkpoint
 from experiments import validate as V
 
 IMAGE_DATASETS = ("cifar10", "cifar100", "digits")
+LANGUAGE_MODELS = ("gpt_tiny",)
 
 
-def validate_image_dataset(cfg: DictConfig) -> dict:
+def validate_image_dataset(cfg: DictConfig, allow_text: bool = False) -> dict:
+    """The dataset settings; ``allow_text``: the analysis also takes ``dataset=text``."""
     name = V.get(cfg, "dataset.name")
+    if name == "text" and allow_text:
+        return validate_text_dataset(cfg)
     if name not in IMAGE_DATASETS:
-        raise V.ConfigError("dataset", name, f"this analysis needs an image dataset: "
-                            f"{', '.join(IMAGE_DATASETS)}", "dataset=digits")
+        accepted = IMAGE_DATASETS + (("text",) if allow_text else ())
+        raise V.ConfigError("dataset", name, f"this analysis needs an image dataset: {', '.join(accepted)}",
+                            "dataset=digits")
     num = V.get(cfg, "dataset.num_subsamples", None)
     if num is not None:
         num = V.positive_int(cfg, "dataset.num_subsamples", "dataset.num_subsamples=5000")
@@ -46,17 +54,45 @@ def validate_image_dataset(cfg: DictConfig) -> dict:
     return settings
 
 
+def validate_text_dataset(cfg: DictConfig) -> dict:
+    path = V.get(cfg, "dataset.path", None)
+    if path is not None and not isinstance(path, str):
+        raise V.ConfigError("dataset.path", path, "must be the path of a UTF-8 text file, or null for the "
+                            "default corpus", "dataset.path=notes.txt")
+    if V.boolean(cfg, "dataset.augment"):
+        raise V.ConfigError("dataset.augment", True, "text has no augmentation", "dataset.augment=false")
+    num = V.get(cfg, "dataset.num_subsamples", None)
+    return {"name": "text", "kind": "text", "path": path, "augment": False,
+            "context": V.positive_int(cfg, "dataset.context", "dataset.context=32"),
+            "test_fraction": V.number(cfg, "dataset.test_fraction", 0, 1, strict_minimum=True,
+                                      example="dataset.test_fraction=0.1"),
+            "split_seed": V.integer(cfg, "dataset.split_seed", minimum=0, example="dataset.split_seed=0"),
+            "val_size": V.integer(cfg, "dataset.val_size", minimum=0, example="dataset.val_size=0"),
+            "num_subsamples": None if num is None else
+            V.positive_int(cfg, "dataset.num_subsamples", "dataset.num_subsamples=5000")}
+
+
 def validate_model(cfg: DictConfig) -> dict:
     model = V.get(cfg, "model", None)
     if not isinstance(model, dict) or not model.get("name"):
         raise V.ConfigError("model", model, "choose a network", "model=cnn")
+    text, name = V.get(cfg, "dataset.name", None) == "text", model["name"]
+    if name in LANGUAGE_MODELS and not text:
+        raise V.ConfigError("model", name, "a language model reads token ids: it needs dataset=text",
+                            "dataset=text")
+    if text and name in MODELS and name not in LANGUAGE_MODELS:
+        raise V.ConfigError("model", name, f"dataset=text needs a language model: {', '.join(LANGUAGE_MODELS)}, "
+                            "or model._target_ of one taking (N, T) token ids", "model=gpt_tiny")
     if "width" in model:
         V.positive_number(cfg, "model.width", "model.width=0.25")
     return model
 
 
-def load_data(d: dict, device: torch.device, seed: int) -> DataSplits:
+def load_data(d: dict, device: torch.device, seed: int) -> DataSplits | TextSplits:
     """The splits of a validated dataset, writing the fake CIFAR files first when asked for."""
+    if d.get("kind") == "text":
+        return load_text(d["path"], d["context"], d["test_fraction"], d["split_seed"], device=device,
+                         val_size=d["val_size"], num_subsamples=d["num_subsamples"], seed=seed)
     data_dir = d["data_dir"]
     if d.get("fake"):
         data_dir = Path(data_dir) if data_dir else \
@@ -69,7 +105,7 @@ def load_data(d: dict, device: torch.device, seed: int) -> DataSplits:
                        num_subsamples=d["num_subsamples"], seed=seed)
 
 
-def build_network(model_cfg: dict, splits: DataSplits, device: torch.device, dtype: torch.dtype,
+def build_network(model_cfg: dict, splits: DataSplits | TextSplits, device: torch.device, dtype: torch.dtype,
                   checkpoint: Optional[str] = None) -> torch.nn.Module:
     """The model for the dataset's shape, with a checkpoint's weights when one is given."""
     model = build_model(model_cfg, splits.num_classes, splits.in_channels, splits.input_size)

@@ -4,10 +4,12 @@
     python -m experiments.run experiment=train_vgg16_cifar100         # the paper's recipe (GPU)
     python -m experiments.run experiment=train_digits resume=outputs/.../checkpoint-00010.pt
     python -m experiments.run experiment=train_digits optimizer=ggn_newton analysis.step_cost=true
+    python -m experiments.run experiment=train_gpt_tiny                # CPU, a character-level GPT
 
 Optimisers with ``set_curvature_sampler`` (the Newton ones) get curvature batches drawn from the
 training split on their own stream, re-seeded per epoch from ``(seed, epoch)`` like the data order, so
-a resumed run stays exact. ``analysis.step_cost`` times the chosen optimiser's step against SGD's on
+a resumed run stays exact. On ``dataset=text`` losses and accuracies are per token (first-order
+optimisers only, so far). ``analysis.step_cost`` times the chosen optimiser's step against SGD's on
 the same batch, on copies of the initial model, before training.
 """
 
@@ -22,9 +24,11 @@ from omegaconf import DictConfig
 from torch.optim.swa_utils import AveragedModel, update_bn
 
 from curvature import plotting
+from curvature.losses import as_loss
 from curvature.models import count_parameters
 from curvature.optim import build_optimizer
 from curvature.seeding import stream_seed
+from curvature.text import unigram_entropy
 from curvature.timing import median_seconds
 from curvature.training import (checkpoint_name, curvature_sampler, evaluate, linear_decay_factor,
                                 load_checkpoint, peak_memory_bytes, save_checkpoint, seed_epoch, set_lr,
@@ -35,10 +39,13 @@ from experiments.networks import (build_network, checkpoint_path, load_data, val
 from experiments.runtime import Run, latest_checkpoint
 
 def validate(cfg: DictConfig) -> dict:
-    dataset = validate_image_dataset(cfg)  # first: other keys interpolate from it
+    dataset = validate_image_dataset(cfg, allow_text=True)  # first: other keys interpolate from it
     epochs = V.positive_int(cfg, "analysis.epochs", "analysis.epochs=20")
     optimizer = V.get(cfg, "optimizer")
     V.positive_number(cfg, "optimizer.lr", "optimizer.lr=0.05")
+    if dataset["name"] == "text" and optimizer.get("name") in SECOND_ORDER:
+        raise V.ConfigError("optimizer", optimizer["name"], "the second-order optimisers do not train on "
+                            "dataset=text yet", "optimizer=adam")
     for key in ("momentum", "weight_decay"):
         if key in optimizer:
             V.number(cfg, f"optimizer.{key}", minimum=0, example=f"optimizer.{key}=0.0")
@@ -59,11 +66,15 @@ def validate(cfg: DictConfig) -> dict:
         "save_freq": V.positive_int(cfg, "analysis.save_freq", "analysis.save_freq=25"),
         "target_test_accuracy": None if V.get(cfg, "analysis.target_test_accuracy", None) is None else
         V.number(cfg, "analysis.target_test_accuracy", 0, 1, example="analysis.target_test_accuracy=0.9"),
+        "check_test_loss": V.boolean(cfg, "analysis.check_test_loss"),
         "step_cost": V.boolean(cfg, "analysis.step_cost"),
         "step_cost_repeats": V.positive_int(cfg, "analysis.step_cost_repeats", "analysis.step_cost_repeats=3"),
         "swa": swa, "optimizer": optimizer, "model": validate_model(cfg),
         "dataset": dataset, "resume": resume,
     }
+
+
+SECOND_ORDER = ("kfac", "saddle_free_newton", "ggn_newton")
 
 
 def _validate_second_order(cfg: DictConfig, optimizer: dict) -> None:
@@ -98,6 +109,7 @@ def measure_step_cost(run: Run, s: dict, model: torch.nn.Module, splits) -> dict
     """Median seconds of one full training step (forward, observe, backward, step) of the configured
     optimiser and of plain SGD, on copies of ``model`` and the same first training batch."""
     inputs, labels = next(splits.train.batches(s["batch_size"], dtype=run.dtype))
+    loss_of = as_loss(F.cross_entropy)  # per sample, or per token of a language model
     sgd_settings = {"name": "sgd", "lr": s["optimizer"]["lr"], "momentum": 0.9}
     timings = {}
     for label, settings in (("optimizer", s["optimizer"]), ("sgd", sgd_settings)):
@@ -108,7 +120,7 @@ def measure_step_cost(run: Run, s: dict, model: torch.nn.Module, splits) -> dict
         def step():
             opt.zero_grad(set_to_none=True)
             logits = copy_(inputs)
-            loss = F.cross_entropy(logits, labels)
+            loss = loss_of(logits, labels)
             if observe is not None:
                 observe(inputs, labels, logits)
             loss.backward()
@@ -180,7 +192,7 @@ def run(cfg: DictConfig) -> dict:
             run.log({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
             print(f"epoch {epoch + 1}/{s['epochs']}: train loss {train['loss']:.4f} acc "
                   f"{train['accuracy']:.3f} | test loss {test['loss']:.4f} acc {test['accuracy']:.3f} | "
-                  f"{train['images_per_s']:.0f} img/s", flush=True)
+                  f"{train['images_per_s']:.0f} {'windows' if d['name'] == 'text' else 'img'}/s", flush=True)
             if (epoch + 1) % s["save_freq"] == 0 or epoch + 1 == s["epochs"]:
                 path = run.out_dir / checkpoint_name(epoch + 1)
                 save_checkpoint(path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -211,11 +223,26 @@ def run(cfg: DictConfig) -> dict:
         if s["target_test_accuracy"] is not None:
             run.check("test_accuracy", last["test_accuracy"], f">= {s['target_test_accuracy']}",
                       last["test_accuracy"] >= s["target_test_accuracy"])
+        if s["check_test_loss"]:
+            _check_test_loss(run, history, splits.train if d["name"] == "text" else None)
         if swa_model is not None and swa_model.n_averaged.item() > 0:
             _finish_swa(run, s, splits, swa_model)
         run.table("epochs", history)
         run.figure(_curves(history), "training_curves")
-        return run.finish(checkpoints=checkpoints, num_parameters=count_parameters(model))
+        source = {"data_source": splits.source} if d["name"] == "text" else {}  # which text was read
+        return run.finish(checkpoints=checkpoints, num_parameters=count_parameters(model), **source)
+
+
+def _check_test_loss(run: Run, history: list[dict], text_train=None) -> None:
+    """The test loss fell below the first epoch's; on text, also below what character frequencies alone
+    give (the train split's unigram entropy): the model uses the context."""
+    first, last = history[0]["test_loss"], history[-1]["test_loss"]
+    run.check("test_loss_falls", last, f"< {first:.4f} (epoch {history[0]['epoch']})", last < first)
+    if text_train is not None:
+        floor = unigram_entropy(text_train)
+        run.metric("unigram_entropy", floor)
+        run.check("test_loss_below_unigram", last, f"< {floor:.4f} (unigram entropy of the train text)",
+                  last < floor)
 
 
 def _finish_swa(run: Run, s: dict, splits, swa_model: AveragedModel) -> None:

@@ -17,7 +17,8 @@ from curvature.models.vgg import VGG_CFGS
 from tests.conftest import CONF, DEVICES
 
 SMALL = {"mlp", "cnn"}
-CIFAR_MODELS = [name for name in MODELS if name not in SMALL]
+TEXT = {"gpt_tiny"}  # a language model: (N, T) token ids in, (N, T, vocabulary) logits out
+CIFAR_MODELS = [name for name in MODELS if name not in SMALL | TEXT]
 
 
 class TinyNet(nn.Module):
@@ -84,6 +85,12 @@ def expected_count(name, num_classes):
         return resnet18_count(num_classes)
     if name == "mlp":  # 64 -> 64 -> 64 -> classes
         return 2 * (64 * 64 + 64) + 64 * num_classes + num_classes
+    if name == "gpt_tiny":  # width 64, context 32, depth 2; the vocabulary is num_classes
+        w, v = 64, num_classes
+        # per block: 2 LayerNorms (2 w each), attention in-projection 3 w x w + 3 w and out-projection
+        # w x w + w, MLP w -> 4 w -> w with biases: 12 w^2 + 13 w
+        block = 2 * 2 * w + (3 * w * w + 3 * w) + (w * w + w) + (4 * w * w + 4 * w) + (4 * w * w + w)
+        return v * w + 32 * w + 2 * block + 2 * w + w * v + v
     # cnn: conv 1->16, conv 16->32 (with biases), 32 channels x 4 x 4 -> classes
     return _conv(1, 16, 3, True) + _conv(16, 32, 3, True) + 32 * 16 * num_classes + num_classes
 
@@ -121,6 +128,9 @@ def tiny(name, num_classes=10):
     """A registered model small enough for a quick test, and an input batch of its shape."""
     if name in SMALL:
         return get_model(name, num_classes), torch.randn(2, 1, 8, 8)
+    if name in TEXT:
+        model = get_model(name, num_classes, input_size=5, width=8, depth=1, heads=2)
+        return model, torch.randint(num_classes, (2, 5))
     return get_model(name, num_classes, width=0.125), torch.randn(2, 3, 32, 32)
 
 
@@ -131,7 +141,7 @@ def test_forward_shape(name, device):
     model, x = tiny(name, num_classes=7)
     with torch.no_grad():
         out = model.to(device)(x.to(device))
-    assert out.shape == (2, 7)
+    assert out.shape == ((2, 5, 7) if name in TEXT else (2, 7))
     assert torch.isfinite(out).all()
     # In-place activations break functional transforms (torch.func) over the model.
     assert not any(getattr(m, "inplace", False) for m in model.modules())
@@ -244,6 +254,10 @@ def test_config_group_has_one_file_per_model():
 @pytest.mark.parametrize("name", list(MODELS))
 def test_config_group_builds(name):
     cfg = OmegaConf.to_container(OmegaConf.load(CONF / "model" / f"{name}.yaml"))
+    if name in TEXT:  # the vocabulary (10) and context (12) come from the text
+        model = build_model(cfg, num_classes=10, in_channels=1, input_size=12)
+        assert model(torch.randint(10, (2, 12))).shape == (2, 12, 10)
+        return
     shape = (1, 8) if name in SMALL else (3, 32)
     if name not in SMALL:
         cfg["width"] = 0.125

@@ -20,6 +20,7 @@ SMOKE = {
     "fig2": ["dataset.n=200"], "fig3": ["dataset.n=200"], "fig4": ["dataset.n=200"],
     "fig6": ["dataset.n=200"],
     "train_digits": ["analysis.epochs=1"],
+    "train_gpt_tiny": ["analysis.epochs=2", "dataset.num_subsamples=256"],
     "train_vgg16_cifar100": ["dataset.data_dir={fake_cifar100}", "model.width=0.0625", "analysis.epochs=1"],
     "demo_train": ["analysis.epochs=1", "analysis.target_test_accuracy=null"],
     "demo_spectrum": ["analysis.require_checkpoint=false", "analysis.num_steps=10", "dataset.num_subsamples=128"],

@@ -8,6 +8,8 @@
 CIFAR models (input (N, 3, 32, 32)): vgg11, vgg16, vgg19 and their ``_bn`` variants, preresnet20,
 preresnet56, preresnet110, preresnet164 and resnet18, each with a ``width`` multiplier. Small
 models (input (N, in_channels, input_size, input_size), by default the 1x8x8 digits): mlp and cnn.
+Language model (input (N, T) token ids, output (N, T, vocabulary) logits): gpt_tiny, whose
+``num_classes`` is the vocabulary size and ``input_size`` the context length (``dataset=text``).
 :func:`build_model` turns the plain dict of the ``model`` config group into a model, including any
 ``torch.nn.Module`` named by ``_target_``.
 """
@@ -23,13 +25,14 @@ import torch
 from torch import nn
 
 from curvature.errors import SuiteError
+from curvature.models.gpt import GPTTiny
 from curvature.models.preresnet import PreResNet
 from curvature.models.resnet import ResNet18
 from curvature.models.small import MLP, SmallCNN
 from curvature.models.vgg import VGG
 
 __all__ = ["MODELS", "ModelError", "build_model", "count_parameters", "describe_models", "get_model",
-           "MLP", "PreResNet", "ResNet18", "SmallCNN", "VGG"]
+           "GPTTiny", "MLP", "PreResNet", "ResNet18", "SmallCNN", "VGG"]
 
 
 class ModelError(SuiteError, ValueError):
@@ -50,6 +53,13 @@ def _preresnet(depth: int) -> Callable[..., PreResNet]:
     return build
 
 
+def _gpt_tiny(num_classes: int = 10, input_size: int = 32, width: int = 64, depth: int = 2, heads: int = 4,
+              dropout: float = 0.0) -> GPTTiny:
+    """GPTTiny over a vocabulary of ``num_classes`` tokens with a context of ``input_size`` tokens
+    (both facts of the text dataset, as the class count and image size are of an image dataset)."""
+    return GPTTiny(num_classes, context=input_size, width=width, depth=depth, heads=heads, dropout=dropout)
+
+
 # name -> constructor(num_classes, **kwargs). Each constructor names exactly the keywords it takes,
 # so a config key a model does not use is an error instead of being silently ignored.
 MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -61,6 +71,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": ResNet18,
     "mlp": MLP,
     "cnn": SmallCNN,
+    "gpt_tiny": _gpt_tiny,
 }
 
 # Run-time facts of the dataset, passed to a constructor only when its signature names them.
@@ -139,9 +150,9 @@ def build_model(model_cfg: Mapping[str, Any], num_classes: int, in_channels: int
     With ``_target_``, that import path is called with the other keys as keywords, plus
     ``num_classes``, ``in_channels`` and ``input_size`` when its signature names them and the
     config does not set them. Otherwise ``name`` picks a registered model (see :data:`MODELS`);
-    only the models that take them (mlp, cnn) receive ``in_channels`` and ``input_size``, and a
-    model with a fixed input shape must match the dataset's. ``name`` and ``_target_`` are never
-    passed on.
+    only the models that take them receive ``in_channels`` (mlp, cnn) and ``input_size`` (mlp, cnn;
+    gpt_tiny, for which it is the text's context length), and a model with a fixed input shape must
+    match the dataset's. ``name`` and ``_target_`` are never passed on.
     """
     if not isinstance(model_cfg, Mapping):
         raise ModelError(f"the model config must be a mapping of keys to values, got {type(model_cfg).__name__}")
