@@ -35,18 +35,23 @@ def _setup(model: nn.Module, params: Optional[Sequence[str]]):
     return flat, forward
 
 
-def operator_matrix(operator, chunk: int = 32, progress: bool = False) -> torch.Tensor:
+def operator_matrix(operator, chunk: int = 32, progress: bool = False,
+                    first: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The P x P matrix of a curvature operator from its products with blocks of unit vectors.
 
     Faster than :func:`dense_hessian` / :func:`dense_ggn` for conv nets of a few thousand parameters
     (they go through batched double backward); exact to rounding once the operator itself is
-    validated against those builders, as ``tests/test_operators.py`` does.
+    validated against those builders, as ``tests/test_operators.py`` does. ``first``: its leading
+    columns, already computed (a caller's timing probe), which are then not recomputed.
     """
     from tqdm.auto import tqdm
 
     p = operator.num_params
     out = torch.empty(p, p, dtype=operator.dtype, device=operator.device)
-    for start in tqdm(range(0, p, chunk), desc="dense matrix", leave=False,
+    done = 0 if first is None else first.shape[1]
+    if done:
+        out[:, :done] = first
+    for start in tqdm(range(done, p, chunk), desc="dense matrix", unit="block", leave=False,
                       disable=None if progress else True):
         block = torch.zeros(p, min(chunk, p - start), dtype=operator.dtype, device=operator.device)
         block[start:start + block.shape[1]].fill_diagonal_(1.0)

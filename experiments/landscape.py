@@ -26,12 +26,13 @@ from omegaconf import DictConfig
 from curvature import landscape as LS
 from curvature.errors import SuiteError
 from curvature.lanczos import lanczos
-from curvature.operators import LOSSES, make_operator, select_parameters
+from curvature.operators import make_operator, select_parameters
 from experiments import validate as V
+from experiments.loss_config import build_loss
 from experiments.networks import (build_network, checkpoint_path, load_data, require_trained,
                                   validate_image_dataset, validate_model)
 from experiments.runtime import Run
-from experiments.spectrum_network import validate_operator
+from experiments.spectrum_network import has_batch_norm, validate_operator
 
 HOW = ("python -m experiments.run analysis=spectrum analysis.save_ritz_vectors=true "
        "analysis.checkpoint=<the same checkpoint> dataset=<same> model=<same> operator=<hessian|ggn>")
@@ -135,7 +136,7 @@ def run(cfg: DictConfig) -> dict:
         splits = load_data(s["dataset"], run.device, run.seed)
         model = build_network(s["model"], splits, run.device, run.dtype, s["checkpoint"])
         run.note(f"weights: {s['checkpoint'] or 'initial (seed ' + str(run.seed) + ')'}")
-        loss_fn = LOSSES[o["loss"]]
+        loss_fn = build_loss(o)
         names = select_parameters(model, o["params"])
         op_batches = list(splits.train.batches(o["batch_size"], dtype=run.dtype))
         data = {"train": list(splits.train.batches(s["batch_size"], dtype=run.dtype)),
@@ -187,12 +188,12 @@ def run(cfg: DictConfig) -> dict:
             run.note("curvature_matches_ritz is checked in float64 only (dtype=float64): the second difference "
                      "at small t loses precision in float32")
         run.table("directions", rows)
-        run.figure(_draw(ts, directions, s), "landscape")
+        run.figure(_draw(ts, directions, s, has_batch_norm(model)), "landscape")
         return run.finish(checkpoint=s["checkpoint"], ritz_vectors_file=s["ritz_file"],
-                          operator=o["names"][0], bn_mode=s["bn_mode"])
+                          operator=o["names"][0], bn_mode=s["bn_mode"], batch_norm=has_batch_norm(model))
 
 
-def _draw(ts, directions, s):
+def _draw(ts, directions, s, batch_norm: bool):
     import matplotlib.pyplot as plt
     metrics = s["figure_metrics"]
     fig, axes = plt.subplots(len(metrics), 2, figsize=(8, 3 * len(metrics)), squeeze=False)
@@ -214,7 +215,7 @@ def _draw(ts, directions, s):
                 lo = min(min(d["curves"][split]["loss"]) for d in directions)
                 hi = max(max(d["curves"][split]["loss"]) for d in directions)
                 ax.set_ylim(lo - 0.05 * (hi - lo + 1e-12), hi + 0.05 * (hi - lo + 1e-12))
-            ax.set_title(f"{split} {metric} (bn {s['bn_mode']})")
+            ax.set_title(f"{split} {metric}" + (f" (bn {s['bn_mode']})" if batch_norm else ""))
             ax.set_xlabel("t (unit-norm direction)")
     axes[0, 0].legend(fontsize=6)
     fig.tight_layout()

@@ -9,16 +9,23 @@ residual bounds, the stem summary, seconds per Lanczos iteration and peak memory
 "Computational Cost" paragraph), and with ``analysis.save_ritz_vectors=true`` the Ritz vectors in
 ``ritz_vectors_<operator>.pt``: a dict with ``ritz_values`` (k, m), ``ritz_vectors`` (k, m, P),
 ``param_names``, ``param_shapes``, ``num_params``, ``model`` (the model config) and ``checkpoint``,
-which the landscape analysis reads. Small models (``num_params <= analysis.exact_max_dim``) also get
-the exact eigenvalues from the dense matrix and the 1-Wasserstein distance to them.
+which the landscape analysis reads. Small models also get the exact eigenvalues from the dense
+P x P matrix (P products) and the 1-Wasserstein distance to them: with ``analysis.exact_max_dim=auto``
+only when that costs no more than the Lanczos run itself, with an integer whenever
+``num_params <= analysis.exact_max_dim``; announced in the notes, timed in the cost table
+(``exact_seconds``, ``exact_share_of_run``). ``results.json``'s ``data`` entry says which samples were
+used: the dataset settings, split, batch size, normalisation and SHA-256 digests of the samples.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
 import time
 
 import torch
 from omegaconf import DictConfig
+from torch import nn
 
 from curvature import plotting
 from curvature.dense import operator_matrix
@@ -26,14 +33,21 @@ from curvature.distributed import DistributedOperator, shard
 from curvature.io import torch_save_atomic
 from curvature.lanczos import lanczos
 from curvature.microbatch import describe_splits
-from curvature.operators import CACHE_MODES, LOSSES, OPERATORS, make_operator
+from curvature.operators import CACHE_MODES, OPERATORS, make_operator
 from curvature.spectrum import SpectralMeasure
 from curvature.training import peak_memory_bytes
 from experiments import lanczos_state
 from experiments import validate as V
+from experiments.loss_config import build_loss, validate_loss
 from experiments.networks import (build_network, checkpoint_path, load_data, require_trained,
                                   validate_image_dataset, validate_model)
 from experiments.runtime import Run
+
+DENSE_CHUNK = 32     # unit vectors per product while building the dense matrix (operator_matrix's default)
+AUTO_MAX_DIM = 4000  # exact_max_dim=auto never goes past the old default: the estimate leaves out the
+                     # P^2 memory and eigh's P^3, negligible below it (4000^2 float64: 128 MB)
+PROBE_SHARE = 0.25   # auto's timing probe costs at most this share of the Lanczos run, even when a
+                     # block of products is no faster than its columns one by one
 
 def validate_operator(cfg: DictConfig) -> dict:
     ops = V.get(cfg, "analysis.operators", None)
@@ -46,7 +60,7 @@ def validate_operator(cfg: DictConfig) -> dict:
     if params is not None and not (isinstance(params, list) and all(isinstance(p, str) for p in params)):
         raise V.ConfigError("operator.params", params, "must be a list of glob patterns",
                             "operator.params=[features.0.*]")
-    return {"names": ops, "loss": V.choice(cfg, "operator.loss", list(LOSSES)),
+    return {"names": ops, **validate_loss(cfg),
             "bn_mode": V.choice(cfg, "operator.bn_mode", ["train", "eval"]),
             "params": params,
             "batch_size": V.positive_int(cfg, "operator.batch_size", "operator.batch_size=256"),
@@ -86,10 +100,11 @@ def run_network(run: Run) -> dict:
     data = splits.train if s["data_split"] == "train" else splits.test
     o = s["operator"]
     batches = list(data.batches(o["batch_size"], dtype=run.dtype))  # fixed order, no augmentation
+    samples = _data_record(run, s, data, batches) if run.is_main else None  # before sharding: all samples
     if run.dist_info:  # whole batches per rank, so BatchNorm train mode sees the same batches
         batches = shard(batches, run.rank, run.world_size)
     run.metric("num_samples", len(data))
-    loss_fn = LOSSES[o["loss"]]
+    loss_fn = build_loss(o)
     cost, panels = [], []
     for name in o["names"]:
         op = make_operator(name, model, loss_fn, batches, bn_mode=o["bn_mode"], params=o["params"],
@@ -113,7 +128,12 @@ def run_network(run: Run) -> dict:
             run.note(f"{name}: {describe_splits(op)}")
             run.metric(f"{name}_oom_split_batches", len(op.oom_splits))
         steps = int(result.num_steps.max())
-        run.note(f"{name} products: {op.engine}" + (f" ({op.layerwise_reason})" if op.engine != "layerwise" else ""))
+        run.note(f"{name} products: {op.engine}" + (f" ({op.layerwise_reason})" if op.engine != "layerwise" else "")
+                 + f"; loss {op.loss.describe()}")
+        for note in op.notes:
+            run.note(f"{name}: {note}")
+        if not op.forward_ad:
+            run.note(f"{name}: reverse-mode products only (no forward-mode AD: {op.forward_ad_reason})")
         if name == "hessian" and op.engine != "layerwise":
             run.note(f"hessian-vector products: {op.mode}" +
                      (f" (auto: {', '.join(f'{k} {v:.3g} s' for k, v in op.mode_seconds.items())})"
@@ -130,20 +150,144 @@ def run_network(run: Run) -> dict:
         run.metric(f"{name}_seconds_per_iteration", cost[-1]["seconds_per_iteration"])
         run.metric(f"{name}_peak_memory_bytes", cost[-1]["peak_memory_bytes"])
         measure = SpectralMeasure.from_lanczos(result)
-        exact = None
-        if op.num_params <= s["exact_max_dim"]:
-            matrix = operator_matrix(op, progress=True).to(torch.float64)
-            exact = torch.linalg.eigvalsh(matrix).cpu()
+        exact, exact_cost = _exact_eigenvalues(run, s, name, op, seconds)
+        cost[-1].update(exact_cost)
+        run.metric(f"{name}_exact_seconds", exact_cost["exact_seconds"])
         _record(run, s, name, op, model, result, measure, exact)
         panels.append((name, measure, exact))
+    elapsed = time.perf_counter() - run.t0
+    for row in cost:  # the share of the run so far (only drawing and writing remain)
+        row["exact_share_of_run"] = row["exact_seconds"] / elapsed
     run.metric("num_params", cost[0]["num_params"])
     run.table("cost", cost)
-    run.figure(_draw(panels, s), "spectrum")
+    run.figure(_draw(panels, s, has_batch_norm(model)), "spectrum")
     results = run.finish(lanczos={"num_steps": s["num_steps"], "num_vectors": s["num_vectors"],
                                   "engine": s["lanczos_engine"]},
-                         operator={**o, "names": o["names"]}, checkpoint=s["checkpoint"])
+                         operator={**o, "names": o["names"]}, checkpoint=s["checkpoint"], data=samples)
     lanczos_state.remove_states(run, o["names"])
     return results
+
+
+def _exact_eigenvalues(run: Run, s: dict, name: str, op, lanczos_seconds: float):
+    """The exact eigenvalues from the dense P x P matrix (P products in blocks of columns), or None, and
+    the cost-table entries.
+
+    An integer ``analysis.exact_max_dim`` builds the matrix whenever P is at most it (0: never);
+    ``auto`` only when the estimated cost is at most the Lanczos run's seconds (see :func:`_dense_plan`),
+    so the check never dwarfs the analysis unless asked.
+    """
+    p, limit = op.num_params, s["exact_max_dim"]
+    cost = {"exact": "off", "exact_seconds": 0.0, "exact_estimated_seconds": None}
+    if limit == 0:
+        return None, cost
+    if p > (AUTO_MAX_DIM if limit == "auto" else limit):
+        run.note(f"{name}: no exact eigenvalues: {p} parameters > analysis.exact_max_dim={limit}" +
+                 (f" (auto builds up to {AUTO_MAX_DIM})" if limit == "auto" else ""))
+        return None, {**cost, "exact": "skipped: size"}
+    plan = _dense_plan(run, op, s["num_vectors"], lanczos_seconds, build_anyway=limit != "auto")
+    estimate = "?" if plan["estimate"] is None else f"{plan['estimate']:.3g}"
+    cost = {**cost, "exact_seconds": plan["probe_seconds"], "exact_estimated_seconds": plan["estimate"]}
+    if plan["why"]:
+        run.note(f"{name}: no exact eigenvalues (analysis.exact_max_dim=auto): the dense {p} x {p} matrix "
+                 f"would take about {estimate} s ({plan['why']}), more than the {lanczos_seconds:.3g} s of "
+                 f"Lanczos; analysis.exact_max_dim={p} computes them anyway")
+        return None, {**cost, "exact": "skipped: cost"}
+    text = (f"{name}: exact eigenvalues: building the dense {p} x {p} matrix from {p} products, estimated "
+            f"{estimate} s ({plan['basis']}) next to {lanczos_seconds:.3g} s of Lanczos")
+    run.note(text)
+    if run.is_main:
+        print(text, flush=True)
+    start = time.perf_counter()
+    matrix = operator_matrix(op, plan["chunk"], progress=True, first=plan["first"]).to(torch.float64)
+    exact = torch.linalg.eigvalsh(matrix).cpu()
+    seconds = plan["probe_seconds"] + time.perf_counter() - start
+    if run.is_main:
+        print(f"{name}: exact eigenvalues in {seconds:.3g} s", flush=True)
+    return exact, {**cost, "exact": "computed", "exact_seconds": seconds}
+
+
+def _dense_plan(run: Run, op, num_vectors: int, lanczos_seconds: float, build_anyway: bool) -> dict:
+    """How to build the dense matrix, its estimated seconds, and ``why`` not to (None: build).
+
+    The estimate is P x the seconds per column of the Lanczos run's products (each takes its
+    ``num_vectors`` start vectors at once). When that exceeds the Lanczos run, ``auto`` times one
+    block of the matrix's first columns (kept for the build) and estimates from it instead: a block
+    at most DENSE_CHUNK wide and narrow enough to cost at most PROBE_SHARE of the Lanczos run even if
+    no faster than its columns one by one, and not tried at all when blocks that wide as cheap as
+    one Lanczos product would already cost more than the Lanczos run.
+    """
+    p = op.num_params
+    plan = {"chunk": DENSE_CHUNK, "first": None, "probe_seconds": 0.0, "estimate": None, "why": None,
+            "basis": "no product timed in this process: its Lanczos state was resumed"}
+    if not op.num_products:
+        return plan if build_anyway else {**plan, "why": plan["basis"]}
+    per_product = op.product_seconds / op.num_products
+    per_column = per_product / num_vectors
+    plan.update(estimate=p * per_column, basis=f"{p} columns at {per_column:.3g} s, as in the Lanczos products")
+    if build_anyway or _least(run, op, p * per_column <= lanczos_seconds):
+        return plan
+    widest = int(PROBE_SHARE * lanczos_seconds / max(per_column, 1e-9))  # the probe's cost cap
+    chunk = int(_least(run, op, min(DENSE_CHUNK, p, max(1, widest))))
+    blocks = math.ceil(p / chunk)
+    if not _least(run, op, blocks * per_product <= lanczos_seconds):
+        return {**plan, "why": f"{plan['basis']}; even {blocks} blocks of {chunk} as cheap as one product "
+                               f"would take {blocks * per_product:.3g} s"}
+    start = time.perf_counter()
+    first = op.matvec(torch.eye(p, chunk, dtype=op.dtype, device=op.device))
+    probe = time.perf_counter() - start
+    plan.update(chunk=chunk, first=first, probe_seconds=probe, estimate=blocks * probe,
+                basis=f"{blocks} blocks of {chunk} columns at {probe:.3g} s, measured")
+    if not _least(run, op, blocks * probe <= lanczos_seconds):
+        plan["why"] = plan["basis"]
+    return plan
+
+
+def _least(run: Run, op, value: float) -> float:
+    """The smallest ``value`` over the ranks (of flags: True only when all say so). The dense matrix is
+    built from collective products, so every rank must take the same branch and block width,
+    whatever its own timings say."""
+    if not run.dist_info:
+        return value
+    import torch.distributed as dist
+    least = torch.tensor([float(value)], dtype=torch.float64, device=op.device)
+    dist.all_reduce(least, op=dist.ReduceOp.MIN)
+    return float(least.item())
+
+
+def _data_record(run: Run, s: dict, data, batches) -> dict:
+    """What rebuilds the samples of this run, and SHA-256 digests to check a rebuild against.
+
+    ``ImageData.subset`` keeps no indices, so the digests stand in for them: ``split_sha256`` of the
+    split as stored (uint8 images (N, C, H, W) then int64 labels; text: input then target ids),
+    independent of dtype and device; ``batches_sha256`` of each batch in order, its inputs (images
+    normalised, in the run's dtype) then its targets. Both over C-order bytes of this machine
+    (little-endian on x86 and ARM).
+    """
+    stored = [data.images, data.labels] if hasattr(data, "images") else [data.inputs, data.targets]
+    split, used = hashlib.sha256(), hashlib.sha256()
+    for tensor in stored:
+        split.update(_bytes(tensor))
+    for inputs, targets in batches:
+        used.update(_bytes(inputs))
+        used.update(_bytes(targets))
+    record = {"dataset": s["dataset"], "seed": run.seed, "split": s["data_split"], "num_samples": len(data),
+              "batch_size": s["operator"]["batch_size"], "num_batches": len(batches),
+              "order": "the split's own order: no shuffling, no augmentation",
+              "inputs_dtype": str(batches[0][0].dtype).replace("torch.", "") if batches else None,
+              "split_sha256": split.hexdigest(), "batches_sha256": used.hexdigest()}
+    if hasattr(data, "mean"):
+        record["normalisation"] = {"mean": list(data.mean), "std": list(data.std),
+                                   "inputs": "(x / 255 - mean) / std per channel"}
+    return record
+
+
+def _bytes(tensor: torch.Tensor):
+    return tensor.detach().cpu().contiguous().numpy()
+
+
+def has_batch_norm(model: nn.Module) -> bool:
+    """Whether ``operator.bn_mode`` means anything for this model (figure titles say it only then)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def _record(run: Run, s: dict, name: str, op, model, result, measure, exact) -> None:
@@ -192,10 +336,11 @@ def _compare_vectors(run: Run, name: str, result, tol: float) -> None:
     run.check(f"{name}_vectors_moments", worst, f"max_k |m_k(v0) - m_k(v1)| / rho^k <= {tol}", worst <= tol)
 
 
-def _draw(panels, s):
+def _draw(panels, s, batch_norm: bool):
     fig, axes = plotting.panel_grid(len(panels))
+    bn = f", bn {s['operator']['bn_mode']}" if batch_norm else ""  # bn_mode changes nothing without BatchNorm
     for ax, (name, measure, exact) in zip(axes, panels):
-        title = f"{name}: Lanczos m={s['num_steps']}, {s['num_vectors']} vector(s), bn {s['operator']['bn_mode']}"
+        title = f"{name}: Lanczos m={s['num_steps']}, {s['num_vectors']} vector(s){bn}"
         if exact is not None:
             twin = ax.twinx()
             plotting.histogram(twin, exact, bins=s["histogram_bins"], label="exact eigenvalues")

@@ -60,6 +60,16 @@ def positive_int(cfg, key: str, example: str | None = None) -> int:
     return integer(cfg, key, minimum=1, example=example)
 
 
+def integer_or_auto(cfg, key: str, minimum: int = 0, example: str | None = None) -> int | str:
+    """``auto`` (the analysis decides) or an integer ``>= minimum``."""
+    value = get(cfg, key)
+    if value == "auto":
+        return value
+    if not (_is_int(value) and value >= minimum):
+        raise ConfigError(key, value, f"must be auto or an integer >= {minimum}", example)
+    return value
+
+
 def number(cfg, key: str, minimum: float | None = None, maximum: float | None = None,
            strict_minimum: bool = False, example: str | None = None) -> float:
     value = get(cfg, key)

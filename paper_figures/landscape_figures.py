@@ -39,7 +39,8 @@ def landscape_figure(artefact: str, figure: str, dataset: str, metric: str, resu
             if metric == "loss" and ritz:
                 ax.plot(t, y[zero] + d["model_curvature"] * t ** 2 / 2, color=colour, ls="--", lw=0.7)
         ax.set(xlabel="t (unit-norm direction)", ylabel=f"{split} {metric}")
-        ax.set_title(f"{split} {metric}, BN {run.get('analysis.bn_mode')}", fontsize=9)
+        bn = f", BN {run.get('analysis.bn_mode')}" if run.results.get("batch_norm", True) else ""  # older runs: unknown
+        ax.set_title(f"{split} {metric}{bn}", fontsize=9)
         C.panel_label(ax, letter)
     row[0].legend(fontsize=6)
     weights = "trained checkpoint" if run.get("analysis.checkpoint") else "initial weights"

@@ -18,6 +18,7 @@ from tests.conftest import make_cfg, run_cli
 
 DIGITS = ["dataset=digits", "model=mlp", "model.hidden=[8]", "dataset.num_subsamples=100"]
 CNN = ["dataset=digits", "model=cnn", "dataset.num_subsamples=100"]
+TEXT = ["analysis=train", "dataset=text", "model=gpt_tiny"]
 
 # (analysis, overrides, what the error line must name); {other_ckpt}, {corrupt}, {missing}, {file}
 # are filled in by the fixtures below.
@@ -44,9 +45,18 @@ INPROCESS_ROWS = [
     ("spectrum_network", [*DIGITS, "analysis.checkpoint={missing}"], "analysis.checkpoint"),
     ("spectrum_network", [*CNN, "analysis.checkpoint={other_ckpt}"], "does not fit"),
     ("spectrum_network", [*DIGITS, "operator.batch_size=0"], "operator.batch_size"),
+    ("spectrum_network", [*DIGITS, "analysis.exact_max_dim=1.5"], "analysis.exact_max_dim"),
+    ("spectrum_matrix", ["analysis.exact_max_dim=null"], "analysis.exact_max_dim"),
     ("train", ["analysis=train", *DIGITS, "optimizer.lr=-1"], "optimizer.lr"),
     ("train", ["analysis=train", "dataset=cifar10", "dataset.data_dir={corrupt}", "model=cnn"], "data_batch_1"),
     ("train", ["analysis=train", *DIGITS, "resume=true"], "resume"),
+    ("train", [*TEXT, "dataset.path={missing}"], "does-not-exist cannot be read"),
+    ("train", [*TEXT, "dataset.path={file}"], "too few for one train and one test window"),
+    ("train", [*TEXT, "dataset.augment=true"], "dataset.augment"),
+    ("train", [*TEXT, "model.heads=5"], "multiple of heads"),
+    ("train", [*TEXT, "optimizer=kfac"], "optimizer=adam"),
+    ("train", ["analysis=train", "dataset=text", "model=cnn"], "model=gpt_tiny"),
+    ("train", ["analysis=train", "dataset=digits", "model=gpt_tiny"], "dataset=text"),
     ("benchmark", ["analysis=benchmark", *DIGITS, "analysis.checkpoint={missing}"], "analysis.checkpoint"),
     ("theory", ["analysis=theory", "analysis.claim=thm1", "analysis.thm1.num_steps=0"], "analysis.thm1.num_steps"),
     ("theory", ["analysis=theory", "resume=true"], "resume"),
@@ -92,6 +102,21 @@ def test_cli_bad_input_is_one_line_and_exit_2(analysis, overrides, names, files,
     assert lines and lines[-1].startswith("error: ") and names in lines[-1], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     _no_results(out)
+
+
+# analysis.exact_max_dim takes auto or an integer >= 0: a typo or a negative size is refused through the
+# real CLI with exit status 2 (network and matrix datasets validate the key in the same place).
+@pytest.mark.parametrize("overrides", [[*DIGITS, "analysis.exact_max_dim=-1"], ["analysis.exact_max_dim=sometimes"]],
+                         ids=["negative", "word"])
+def test_cli_bad_exact_max_dim_is_one_line_and_exit_2(overrides, tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli(*overrides, "logger=none", f"hydra.run.dir={out}")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    value = overrides[-1].split("=", 1)[1]
+    assert lines == [f"error: config key analysis.exact_max_dim={int(value) if value == '-1' else value!r} is "
+                     "invalid: must be auto or an integer >= 0; e.g. analysis.exact_max_dim=auto"], proc.stderr
+    _no_results(out) if out.exists() else None
 
 
 @pytest.mark.parametrize("analysis,overrides,names", INPROCESS_ROWS,
