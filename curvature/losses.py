@@ -29,8 +29,8 @@ from torch import nn
 
 from curvature.errors import SuiteError
 
-__all__ = ["Loss", "CrossEntropy", "MeanSquaredError", "AutogradLoss", "as_loss", "mse_loss", "get_loss",
-           "LOSSES", "REDUCTIONS"]
+__all__ = ["Loss", "CrossEntropy", "MeanSquaredError", "AutogradLoss", "as_loss", "mse_loss", "loss_rule",
+           "LOSS_RULES", "REDUCTIONS"]
 
 REDUCTIONS = ("mean", "sum")
 
@@ -276,15 +276,16 @@ class AutogradLoss(Loss):
         return float(len(targets))
 
 
-#: the losses the configs name (``operator.loss``)
-LOSSES: dict[str, Callable[..., Loss]] = {"cross_entropy": CrossEntropy, "mse": MeanSquaredError}
+#: the loss rules a config names (``operator.loss``); ``curvature.operators.LOSSES`` holds the plain
+#: functions of the same names, which the rest of the suite passes around
+LOSS_RULES: dict[str, Callable[..., Loss]] = {"cross_entropy": CrossEntropy, "mse": MeanSquaredError}
 
 
-def get_loss(name: str, **options) -> Loss:
-    """The loss a config names: ``cross_entropy`` or ``mse``, with ``reduction`` etc. as keywords."""
-    if name not in LOSSES:
-        raise SuiteError(f"unknown loss {name!r}: choose one of {', '.join(LOSSES)}")
-    return LOSSES[name](**options)
+def loss_rule(name: str, **options) -> Loss:
+    """The loss rule a config names: ``cross_entropy`` or ``mse``, with ``reduction`` etc. as keywords."""
+    if name not in LOSS_RULES:
+        raise SuiteError(f"unknown loss {name!r}: choose one of {', '.join(LOSS_RULES)}")
+    return LOSS_RULES[name](**options)
 
 
 def as_loss(loss, reduction: Optional[str] = None) -> Loss:
@@ -295,7 +296,7 @@ def as_loss(loss, reduction: Optional[str] = None) -> Loss:
     if isinstance(loss, Loss):
         return loss
     if isinstance(loss, str):
-        return get_loss(loss, **({} if reduction is None else {"reduction": reduction}))
+        return loss_rule(loss, **({} if reduction is None else {"reduction": reduction}))
     if loss is F.cross_entropy:
         return CrossEntropy(reduction or "mean")
     if isinstance(loss, nn.CrossEntropyLoss):

@@ -11,33 +11,21 @@ the operators represent the curvature of the dataset's mean loss ``L(w) = sum_b 
 ``P`` is the number of selected parameters (all trainable ones in ``model.parameters()`` order, or the
 subset matching ``params`` patterns). Vectors are flat (P,) or (P, k) tensors. Dropout is always off;
 BatchNorm uses batch statistics (``bn_mode="train"``, the original package's default) or running
-statistics (``"eval"``, PyHessian's choice), and never updates its running statistics during products.
+statistics (``"eval"``, PyHessian's choice), and never updates its running statistics during products
+(:func:`~curvature.functional.curvature_mode`).
 
-Primal reuse (``cache``): a product's first half (the forward pass and, for the Hessian, the gradient
-with its graph) depends only on the batch and the weights, not on the vector. With ``cache="auto"``
-(default) each batch keeps that graph after its first product, while the graphs fit a memory budget
-(default a quarter of the free device memory), and later products only run the second half: measured
-2x fewer seconds per Hessian product on a CPU VGG. Batches beyond the budget, ``cache="none"`` and a
-CUDA out-of-memory error while building a graph fall back to recomputing the primal every product.
-A cached graph is dropped when the weights, buffers or batch tensors change (version counters).
-
-Layer-wise products (``layerwise="auto"``, default): for a model that is a chain of standard layers
-(the suite's VGGs, MLP and SmallCNN, or any ``nn.Sequential`` of Conv2d/Linear/ReLU/Tanh/Sigmoid/pooling/
-Flatten/Dropout and running-statistics BatchNorm) with cross-entropy or MSE, products are written out
-layer by layer (:mod:`curvature.layerwise`, Pearlmutter's R-operator) with the fastest convolution
-kernels instead of autograd's double backward: measured 1.3x faster than autograd's cached product on
-a CPU VGG. The operator checks one product against autograd on the first batch and falls back to
-autograd (with a warning) if they differ; anything else (ResNets, BatchNorm with batch statistics,
-other losses) uses autograd. ``engine`` says which is in use, ``layerwise_reason`` why not.
+The parts, one job each: this module checks the arguments, flattens the parameters and runs the product
+loop over the batches; a subclass writes the product of one batch. Which route the products take
+(forward-mode AD or not, layer-wise or autograd, the Hessian's mode) is decided on the first batch by
+:mod:`curvature.routes` (``engine`` says which, ``layerwise_reason`` why not layer-wise); per-batch primal
+reuse within a memory budget (``cache``) is :mod:`curvature.graph_cache`; the check that the operator is a
+fixed matrix is :mod:`curvature.determinism`; losses and their output Hessians are :mod:`curvature.losses`,
+the data :mod:`curvature.batches`.
 """
 
 from __future__ import annotations
 
-import copy
-import fnmatch
 import time
-import warnings
-from contextlib import contextmanager
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
@@ -45,24 +33,30 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from curvature.batches import OperatorData, model_outputs, slice_inputs, versions
+from curvature import determinism
+from curvature.batches import OperatorData, model_outputs
 from curvature.errors import NumericalError, SuiteError
+from curvature.functional import BN_MODES, Hooked, curvature_mode, select_parameters
+from curvature.graph_cache import (CACHE_MEMORY_FRACTION, CACHE_MODES, GraphCache, OutOfMemory,
+                                   free_memory_bytes)
 from curvature.losses import as_loss, mse_loss
 from curvature.microbatch import operator_batch_product
+from curvature.routes import (LAYERWISE_CHECK_TOLERANCE, LAYERWISE_CHOICES, fastest_mode,
+                              layerwise_plan, preflight)
 
-BN_MODES = ("train", "eval")
-CACHE_MODES = ("auto", "all", "none")
-LAYERWISE_CHOICES = ("auto", True, False)
-#: the float64 cross-check of layer-wise against autograd products must agree to this relative error
-LAYERWISE_CHECK_TOLERANCE = 1e-9
-OutOfMemory = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
-#: ``cache="auto"`` keeps graphs while they take at most this share of the free device memory.
-CACHE_MEMORY_FRACTION = 0.25
+__all__ = [
+    # the operators
+    "CurvatureOperator", "HessianOperator", "GGNOperator", "OPERATORS", "make_operator",
+    # losses by config name
+    "LOSSES", "get_loss", "loss_hessian_product", "mse_loss",
+    # from the parts, under the names the suite imports from here
+    "BN_MODES", "curvature_mode", "select_parameters",
+    "CACHE_MODES", "CACHE_MEMORY_FRACTION", "OutOfMemory", "free_memory_bytes",
+    "LAYERWISE_CHOICES", "LAYERWISE_CHECK_TOLERANCE",
+]
 
-
-# --- losses (their rules live in curvature.losses) ---------------------------------------------
+# --- losses by config name (their rules live in curvature.losses) ---------------------------------
 #: the losses the configs name, as the plain functions the rest of the suite passes around
 LOSSES = {"cross_entropy": F.cross_entropy, "mse": mse_loss}
 
@@ -79,61 +73,18 @@ def loss_hessian_product(loss_fn: Callable, outputs: torch.Tensor, targets: torc
     return as_loss(loss_fn).hessian_product(outputs, targets, u)
 
 
-# --- BatchNorm / dropout handling -----------------------------------------------------------------
-@contextmanager
-def curvature_mode(model: nn.Module, bn_mode: str):
-    """Dropout off; BatchNorm in batch-statistics (``train``) or running-statistics (``eval``) mode;
-    attention through twice-differentiable kernels.
-
-    In ``train`` mode running-statistic tracking is switched off for the duration, so BatchNorm
-    normalises with batch statistics but writes nothing to its buffers: products are pure functions,
-    as ``torch.func`` transforms need, and repeated products agree.
-    """
-    if bn_mode not in BN_MODES:
-        raise ValueError(f"bn_mode must be 'train' or 'eval', got {bn_mode!r}")
-    saved = [(m, m.training, getattr(m, "track_running_stats", None)) for m in model.modules()]
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    model.eval()
-    if bn_mode == "train":
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.train()
-                m.track_running_stats = False
-    # Attention through the composite (math) kernels: the fused ones (flash / memory-efficient SDPA,
-    # nn.MultiheadAttention's fast path) have neither forward-mode nor second derivatives.
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with sdpa_kernel(SDPBackend.MATH):
-            yield model
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
-        for m, training, tracking in saved:
-            m.training = training
-            if tracking is not None:
-                m.track_running_stats = tracking
-
-
-def select_parameters(model: nn.Module, patterns: Optional[Sequence[str]] = None) -> list[str]:
-    """Names of the trainable parameters matching any glob pattern (all when ``patterns`` is None)."""
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    if patterns:
-        chosen = [n for n in names if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)]
-        if not chosen:
-            raise SuiteError(f"no parameter matches {list(patterns)}; parameters are named like "
-                             f"{', '.join(names[:4])}, ... (glob patterns, e.g. 'features.0.*')")
-        return chosen
-    return names
-
-
 class CurvatureOperator:
-    """Base class: batching, batch-size weighting, BatchNorm mode, parameter subsets, flat vectors.
+    """Base class: batching, batch weights, BatchNorm mode, parameter subsets, flat vectors; the product loop.
 
-    Subclasses implement the curvature product of one mean-reduced batch loss: :meth:`_fresh_product`
-    (primal recomputed) and :meth:`_prepare` + :meth:`_cached_product` (primal kept per batch).
-    ``cache=None`` takes the class's ``default_cache``.
+    A subclass writes the curvature product of one mean-reduced batch loss: :meth:`_fresh_product`
+    (primal recomputed), :meth:`_prepare` + :meth:`_cached_product` (primal kept per batch) and
+    :meth:`_layerwise_column` (through the layer-wise plan). ``cache=None`` takes the class's
+    ``default_cache``, or ``"auto"`` for layer-wise products.
     """
 
     default_cache = "auto"
+    #: whether the layer-wise primal keeps the gradients (the Hessian's products need them)
+    layerwise_gradients = False
 
     def __init__(self, model: nn.Module, loss_fn: Callable, batches: Iterable, bn_mode: str = "train",
                  params: Optional[Sequence[str]] = None, check_deterministic: bool = True,
@@ -144,13 +95,9 @@ class CurvatureOperator:
             raise ValueError(f"cache must be auto, all or none, got {cache!r}")
         if layerwise not in LAYERWISE_CHOICES:
             raise ValueError(f"layerwise must be auto, true or false, got {layerwise!r}")
-        self.model = model
-        self.loss = as_loss(loss_fn)
-        self.loss_fn = self.loss
-        self.bn_mode = bn_mode
-        self.progress = progress
-        self.forward = forward
-        self._hooked = None if forward is None else _Hooked(model, forward)
+        self.model, self.bn_mode, self.progress, self.forward = model, bn_mode, progress, forward
+        self.loss = self.loss_fn = as_loss(loss_fn)
+        self._hooked = None if forward is None else Hooked(model, forward)
         self.names = select_parameters(model, params)
         named = dict(model.named_parameters())
         self.shapes = [named[n].shape for n in self.names]
@@ -164,81 +111,46 @@ class CurvatureOperator:
         self.notes = list(self.data.notes)
         self.num_products = 0
         self.product_seconds = 0.0
-        self._graphs: dict[int, tuple] = {}
-        self.cache_bytes = 0
-        self._caching = False
+        self.graph_cache = GraphCache(model, self.batches, self.device, "none")  # none while choosing a route
         self.plan = None  # autograd products until the layer-wise plan is built and checked
         self.forward_ad, self.forward_ad_reason = True, ""
         if check_layerwise:  # the first operator of a model checks; later ones (an optimiser's) trust it
-            self._preflight()
-        self.plan, self.layerwise_reason = self._layerwise_plan(layerwise, check_layerwise)
+            preflight(self)
+        self.plan, self.layerwise_reason = layerwise_plan(self, layerwise, check_layerwise)
         # The layer-wise primal is small and saves a forward pass (and, for the Hessian, a backward
         # pass) per product, so it is cached by default for both operators.
-        cache = cache if cache is not None else "auto" if self.plan is not None else self.default_cache
-        self.cache = cache
-        self.cache_budget_bytes = (None if cache != "auto" else
-                                   cache_budget_bytes if cache_budget_bytes is not None else
-                                   int(CACHE_MEMORY_FRACTION * free_memory_bytes(self.device)))
-        self._caching = cache != "none"
+        self.cache = cache if cache is not None else "auto" if self.plan is not None else self.default_cache
+        self.graph_cache = GraphCache(model, self.batches, self.device, self.cache, cache_budget_bytes,
+                                      owner=type(self).__name__)
+        self.cache_budget_bytes = self.graph_cache.budget_bytes
         if check_deterministic:
-            self._check_deterministic()
+            self.deterministic = determinism.check_deterministic(self)
 
     @property
     def engine(self) -> str:
         """``layerwise`` (hand-written R-operator products) or ``autograd``."""
         return "layerwise" if self.plan is not None else "autograd"
 
-    def _layerwise_plan(self, choice, check: bool = True) -> tuple:
-        """The layer-wise plan when the model and loss allow it and it matches autograd.
+    # --- the graph cache, under the names the rest of the suite reads -----------------------------
+    @property
+    def cache_bytes(self) -> int:
+        return self.graph_cache.bytes
 
-        ``choice``: ``"auto"`` (use it when possible), ``True`` (required: a one-line error otherwise),
-        ``False`` (autograd products). The check (:meth:`_layerwise_error`) compares one product with
-        autograd's in float64; callers that build many operators of one model (an optimiser,
-        per-batch statistics) check the first only.
-        """
-        from curvature.layerwise import build_plan
+    @property
+    def _graphs(self) -> dict:
+        return self.graph_cache.graphs
 
-        if choice is False:
-            return None, "operator.layerwise=false"
-        if self.forward is not None or not torch.is_tensor(self.batches[0][0]):
-            plan, reason = None, "the model takes a forward hook or dict inputs"
-        else:
-            plan, reason = build_plan(self.model, self.loss_fn, self.names, self.bn_mode)
-        if plan is not None and check:
-            error = self._layerwise_error()
-            if not error <= LAYERWISE_CHECK_TOLERANCE:  # NaN fails too
-                plan, reason = None, f"layer-wise product differs from autograd's by {error:.1e} (float64)"
-                warnings.warn(f"{type(self).__name__}: {reason}; using autograd products", RuntimeWarning,
-                              stacklevel=4)
-        if plan is None and choice is True:
-            raise SuiteError(f"operator.layerwise=true but the layer-wise products do not apply: {reason}; "
-                             "set operator.layerwise=auto")
-        return plan, reason
+    @property
+    def _caching(self) -> bool:
+        return self.graph_cache.enabled
 
-    def _layerwise_error(self) -> float:
-        """Relative difference of a layer-wise and an autograd product, in float64 on a few samples.
+    def clear_cache(self) -> None:
+        """Forget every cached batch graph (they are rebuilt on the next product)."""
+        self.graph_cache.clear()
 
-        Float64 separates a wrong layer chain from rounding: in float32 two exact methods already
-        differ by up to 1e-3 relative on a VGG at initialisation (cancellation in the product).
-        Runs on a float64 copy of the model (unless it is float64) and the first batch's first 8 samples.
-        """
-        from curvature.layerwise import build_plan
-
-        probe = copy.copy(self)  # same settings (Hessian mode, names, BN mode); its own model and data
-        probe.model = self.model if self.dtype == torch.float64 else copy.deepcopy(self.model).to(torch.float64)
-        inputs, targets = next(iter(self.batches))
-        inputs, targets = (t[:8].to(torch.float64) if t.is_floating_point() else t[:8] for t in (inputs, targets))
-        probe.batches, probe.dtype, probe.plan = [(inputs, targets)], torch.float64, None
-        probe._graphs, probe._caching = {}, False
-        gen = torch.Generator().manual_seed(1)
-        tangents = probe.unflatten(torch.randn(self.num_params, 1, generator=gen, dtype=torch.float64).to(self.device))
-        params = probe._selected()
-        with curvature_mode(probe.model, self.bn_mode):
-            reference = probe.flatten(probe._fresh_product(inputs, targets, params, tangents), batched=True)
-            probe.plan = build_plan(probe.model, self.loss_fn, self.names, self.bn_mode)[0]
-            got = probe.flatten(probe._layerwise_product(probe._layerwise_prepare(inputs, targets, params),
-                                                         targets, tangents), batched=True)
-        return float((got - reference).norm() / reference.norm().clamp(min=1e-300))
+    def stop_caching(self) -> None:
+        """Memory is short: drop every cached graph and recompute the primal for the rest of this operator."""
+        self.graph_cache.stop()
 
     # --- parameters as dictionaries ------------------------------------------------------------
     def _fixed(self) -> dict:
@@ -278,128 +190,7 @@ class CurvatureOperator:
             out = functional_call(self.model, params, (inputs,))
         return model_outputs(out)
 
-    # --- the first batch, before any long computation -------------------------------------------
-    def _preflight(self) -> None:
-        """One product on 4 samples of the first batch with the route this operator will take.
-
-        Finds out in seconds whether forward-mode AD runs through the model (some fused kernels have no
-        forward-mode formula: then only reverse-mode routes are used, ``forward_ad_reason`` says why) and
-        whether the model can be differentiated twice at all; if not, a one-line error names the module.
-        """
-        inputs, targets = self.batches[0]
-        n = int(targets.shape[0])
-        x, y = slice_inputs(inputs, n, min(n, 4)), targets[:min(n, 4)]
-        gen = torch.Generator().manual_seed(2)
-        v = self.unflatten(torch.randn(self.num_params, 1, generator=gen, dtype=torch.float64)
-                           .to(dtype=self.dtype, device=self.device))
-        params = self._selected()
-        with curvature_mode(self.model, self.bn_mode):
-            try:
-                jvp(self.forward_fn(x), (params,), ({k: t[0] for k, t in v.items()},))
-            except Exception as exc:  # noqa: BLE001 - any failure means: no forward-mode route
-                self.forward_ad, self.forward_ad_reason = False, _first_line(exc)
-            try:
-                self._fresh_product(x, y, params, v)
-            except SuiteError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - reported as one line naming the module
-                raise SuiteError(_failure_message(self, x, y, params, exc)) from exc
-
-    # --- the product -------------------------------------------------------------------------------
-    def batch_product(self, inputs, targets, params: dict, vectors: dict) -> dict:
-        """Curvature of ``loss_fn(f(inputs), targets)`` times ``vectors`` ({name: (k, *shape)}).
-
-        From the batch's cached graph when there is one (or one can be built within the budget),
-        otherwise by :meth:`_fresh_product`, which recomputes the primal.
-        """
-        graph = self._graph(inputs, targets, params) if self._caching and self._own_batch(inputs) else None
-        if graph is None:
-            if self.plan is not None:
-                return self._layerwise_product(self._layerwise_prepare(inputs, targets, params), targets, vectors)
-            return self._fresh_product(inputs, targets, params, vectors)
-        if self.plan is not None:
-            return self._layerwise_product(graph, targets, vectors)
-        return self._cached_product(graph, targets, vectors)
-
-    #: the layer-wise product this operator takes: ``"hessian"`` or ``"ggn"``
-    layerwise_kind = ""
-
-    def _layerwise_prepare(self, inputs, targets, params: dict):
-        return self.plan.prepare(inputs, targets, {**self._fixed(), **params},
-                                 gradients=self.layerwise_kind == "hessian")
-
-    def _layerwise_product(self, primal: dict, targets, vectors: dict) -> dict:
-        product = getattr(self.plan, self.layerwise_kind)
-        k = next(iter(vectors.values())).shape[0]
-        columns = [product(primal, targets, {n: t[j] for n, t in vectors.items()}) for j in range(k)]
-        return {n: torch.stack([c[n] for c in columns]) for n in self.names}
-
-    def _fresh_product(self, inputs, targets, params: dict, vectors: dict) -> dict:
-        raise NotImplementedError
-
-    def _prepare(self, inputs, targets, params: dict) -> tuple:
-        """The vector-independent part of a product on one batch (kept in the cache)."""
-        raise NotImplementedError
-
-    def _cached_product(self, graph: tuple, targets, vectors: dict) -> dict:
-        raise NotImplementedError
-
-    def _own_batch(self, inputs) -> bool:
-        """Only the operator's own stored batches are cached: not micro-batch slices, not data that
-        a re-iterable source yields afresh on every pass."""
-        return isinstance(self.batches, (list, tuple)) and any(inputs is b[0] for b in self.batches)
-
-    def _state_key(self) -> tuple:
-        """Identity and version of every parameter and buffer: any in-place update changes it."""
-        return tuple((id(t), t._version) for t in (*self.model.parameters(), *self.model.buffers()))
-
-    def _graph(self, inputs, targets, params: dict) -> Optional[tuple]:
-        """The batch's cached graph, building it when the budget allows; None means recompute."""
-        key = (self._state_key(), versions(inputs), targets._version)
-        entry = self._graphs.get(id(inputs))
-        if entry is not None and entry[0] is inputs and entry[1] is targets and entry[2] == key:
-            return entry[3]
-        if entry is not None or (self._graphs and next(iter(self._graphs.values()))[2][0] != key[0]):
-            self.clear_cache()  # weights or data changed: every graph is stale
-        leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
-        shared = {_storage(t) for t in (*self.model.parameters(), *self.model.buffers(), *_tensors(inputs), targets)}
-        storages: dict[int, int] = {}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:  # counts what the graph keeps alive beyond the model
-            if _storage(t) not in shared:
-                storages[_storage(t)] = t.untyped_storage().nbytes()
-            return t
-
-        try:
-            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                graph = (self._layerwise_prepare(inputs, targets, params) if self.plan is not None
-                         else self._prepare(inputs, targets, leaves))
-        except OutOfMemory:
-            self.stop_caching()
-            warnings.warn(f"{type(self).__name__}: out of memory while caching a batch graph; "
-                          "recomputing the primal for every product from now on", RuntimeWarning, stacklevel=4)
-            return None
-        for t in _tensors(graph):
-            if _storage(t) not in shared:
-                storages[_storage(t)] = t.untyped_storage().nbytes()
-        size = sum(storages.values())
-        if self.cache_budget_bytes is None or self.cache_bytes + size <= self.cache_budget_bytes:
-            self._graphs[id(inputs)] = (inputs, targets, key, graph)
-            self.cache_bytes += size
-        return graph  # used for this product either way; dropped afterwards when over the budget
-
-    def clear_cache(self) -> None:
-        """Forget every cached batch graph (they are rebuilt on the next product)."""
-        self._graphs.clear()
-        self.cache_bytes = 0
-
-    def stop_caching(self) -> None:
-        """Memory is short: drop every cached graph and recompute the primal for the rest of this operator."""
-        self.clear_cache()
-        self._caching = False
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-
+    # --- the product ---------------------------------------------------------------------------
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """The curvature of the dataset's mean loss times ``v`` ((P,) or (P, k))."""
         if v.shape[0] != self.num_params:
@@ -427,161 +218,50 @@ class CurvatureOperator:
 
     __matmul__ = matvec
 
-    def _check_deterministic(self) -> None:
-        """Two products of one vector on the first batch must agree; warn if they do not."""
-        gen = torch.Generator().manual_seed(0)
-        v = torch.randn(self.num_params, 1, generator=gen, dtype=torch.float64).to(self.dtype).to(self.device)
-        tangents, params = self.unflatten(v), self._selected()
-        products = []
-        caching, self._caching = self._caching, False  # a cache hit would hide a random operator
-        with curvature_mode(self.model, self.bn_mode):
-            for _ in range(2):  # two separate passes: data that reshuffles or augments shows up too
-                inputs, targets = next(iter(self.batches))
-                products.append(self.flatten(self.batch_product(inputs, targets, params, tangents),
-                                             batched=True))
-        self._caching = caching
-        a, b = products
-        tol = 1e-10 if self.dtype == torch.float64 else 1e-4
-        if not torch.allclose(a, b, rtol=tol, atol=tol * float(a.abs().max().clamp(min=1e-30))):
-            warnings.warn(f"{type(self).__name__}: two products of the same vector differ: the model or "
-                          "data is random (dropout, augmentation, shuffling?); Lanczos needs a fixed operator",
-                          RuntimeWarning, stacklevel=3)
-        self.deterministic = torch.equal(a, b) or torch.allclose(a, b, rtol=tol, atol=0)
+    def batch_product(self, inputs, targets, params: dict, vectors: dict) -> dict:
+        """Curvature of ``loss_fn(f(inputs), targets)`` times ``vectors`` ({name: (k, *shape)}).
 
+        From the batch's cached primal when there is one (or one can be built within the budget),
+        otherwise with the primal recomputed.
+        """
+        primal = self.graph_cache.get(inputs, targets, lambda: self._primal(inputs, targets, params))
+        if self.plan is not None:
+            if primal is None:
+                primal = self._layerwise_prepare(inputs, targets, params)
+            return self._layerwise_product(primal, targets, vectors)
+        if primal is None:
+            return self._fresh_product(inputs, targets, params, vectors)
+        return self._cached_product(primal, targets, vectors)
 
-class _Hooked(nn.Module):
-    """A model called through a user's ``forward(model, inputs)``, so ``functional_call`` can swap its weights."""
+    def _primal(self, inputs, targets, params: dict):
+        """The vector-independent part of a product on one batch, as the cache keeps it."""
+        if self.plan is not None:
+            return self._layerwise_prepare(inputs, targets, params)
+        return self._prepare(inputs, targets, {n: p.detach().requires_grad_(True) for n, p in params.items()})
 
-    def __init__(self, model: nn.Module, forward: Callable):
-        super().__init__()
-        self.model = model
-        self.hook = forward
+    def _layerwise_prepare(self, inputs, targets, params: dict):
+        return self.plan.prepare(inputs, targets, {**self._fixed(), **params}, gradients=self.layerwise_gradients)
 
-    def forward(self, inputs):
-        return self.hook(self.model, inputs)
+    def _layerwise_product(self, primal: dict, targets, vectors: dict) -> dict:
+        k = next(iter(vectors.values())).shape[0]
+        columns = [self._layerwise_column(primal, targets, {n: t[j] for n, t in vectors.items()})
+                   for j in range(k)]
+        return {n: torch.stack([c[n] for c in columns]) for n in self.names}
 
+    # --- what a subclass writes: the product of one batch ----------------------------------------
+    def _fresh_product(self, inputs, targets, params: dict, vectors: dict) -> dict:
+        raise NotImplementedError
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+    def _prepare(self, inputs, targets, leaves: dict) -> tuple:
+        """The vector-independent part of an autograd product on one batch (kept in the cache)."""
+        raise NotImplementedError
 
+    def _cached_product(self, graph: tuple, targets, vectors: dict) -> dict:
+        raise NotImplementedError
 
-def _failure_message(op: "CurvatureOperator", inputs, targets, params: dict, exc: BaseException) -> str:
-    """One line for a product that failed on the first batch: the module at fault and what to do."""
-    kind = type(op).__name__.replace("Operator", "")
-    name, module, cause = _failing_module(op, inputs, params)
-    if name is None:
-        try:
-            op.loss(op.forward_fn(inputs)(params), targets)
-        except Exception as loss_exc:  # noqa: BLE001
-            return (f"the loss {op.loss.describe()} fails on the model's outputs ({_first_line(loss_exc)}): "
-                    "check the targets' shape and the loss")
-        return (f"the {kind} product fails on the first batch ({_first_line(exc)}); no single module is at fault: "
-                "check the loss and the model's forward")
-    if cause == "forward":
-        return (f"the model fails in module '{name}' ({type(module).__name__}) on the first batch: "
-                f"{_first_line(exc)}; fix the model (its forward raises)")
-    return (f"the {kind} product cannot differentiate module '{name}' ({type(module).__name__}) twice: "
-            f"{_first_line(exc)}; replace it by a twice-differentiable equivalent (composite PyTorch ops) "
-            "or exclude the model part that uses it")
-
-
-def _failing_module(op: "CurvatureOperator", inputs, params: dict):
-    """``(name, module, "forward" | "derivative")`` of the innermost module at fault, or ``(None, None, None)``.
-
-    A forward that raises is pinned on the innermost module being run; otherwise every module call of
-    one forward pass is differentiated twice on its own inputs, smallest modules first.
-    """
-    named = {id(m): (n or type(op.model).__name__) for n, m in op.model.named_modules()}
-    stack, calls, hooks = [], [], []
-
-    def enter(module, args, kwargs):
-        stack.append(module)
-
-    def leave(module, args, kwargs, output):
-        stack.pop()
-        calls.append((module, args, kwargs))
-
-    for m in op.model.modules():
-        hooks.append(m.register_forward_pre_hook(enter, with_kwargs=True))
-        hooks.append(m.register_forward_hook(leave, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            op.forward_fn(inputs)(params)
-    except Exception:  # noqa: BLE001
-        if stack:
-            return named.get(id(stack[-1]), type(stack[-1]).__name__), stack[-1], "forward"
-        return None, None, None
-    finally:
-        for h in hooks:
-            h.remove()
-    size = {id(m): sum(1 for _ in m.modules()) for m in op.model.modules()}
-    for module, args, kwargs in sorted(calls, key=lambda c: size[id(c[0])]):
-        try:
-            _differentiate_twice(module, args, kwargs, op.forward_ad)
-        except Exception:  # noqa: BLE001
-            return named.get(id(module), type(module).__name__), module, "derivative"
-    return None, None, None
-
-
-def _differentiate_twice(module: nn.Module, args, kwargs, forward_ad: bool) -> None:
-    leaves: list[torch.Tensor] = []
-
-    def leaf(x):
-        if torch.is_tensor(x) and x.is_floating_point():
-            t = x.detach().requires_grad_(True)
-            leaves.append(t)
-            return t
-        if isinstance(x, (tuple, list)):
-            return type(x)(leaf(v) for v in x)
-        if isinstance(x, dict):
-            return {k: leaf(v) for k, v in x.items()}
-        return x
-
-    args, kwargs = leaf(args), leaf(kwargs)
-    leaves += [p for p in module.parameters() if p.requires_grad]
-    with torch.enable_grad():
-        out = module(*args, **kwargs)
-        outs = [o for o in (out if isinstance(out, (tuple, list)) else [out])
-                if torch.is_tensor(o) and o.is_floating_point() and o.requires_grad]
-        if not outs or not leaves:
-            return
-        first = sum((o * torch.randn_like(o)).sum() for o in outs)
-        grads = [g for g in torch.autograd.grad(first, leaves, create_graph=True, allow_unused=True)
-                 if g is not None and g.requires_grad]
-        if grads:
-            second = sum((g * torch.randn_like(g)).sum() for g in grads)
-            torch.autograd.grad(second, leaves, allow_unused=True)
-    if forward_ad:
-        with fwAD.dual_level():
-            module(*[fwAD.make_dual(t, torch.randn_like(t)) if torch.is_tensor(t) and t.is_floating_point() else t
-                     for t in args], **kwargs)
-
-
-def _storage(t: torch.Tensor) -> int:
-    return t.untyped_storage().data_ptr()
-
-
-def _tensors(value) -> list:
-    if torch.is_tensor(value):
-        return [value]
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _tensors(v)]
-    return []
-
-
-def free_memory_bytes(device: torch.device) -> int:
-    """Free memory of a CUDA device, or the host's available memory (Linux; 8 GiB if unknown)."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as f:
-            info = dict(line.split(":", 1) for line in f)
-        return int(info["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return 8 * 2**30
+    def _layerwise_column(self, primal: dict, targets, vector: dict) -> dict:
+        """One vector's product through the layer-wise plan."""
+        raise NotImplementedError
 
 
 class HessianOperator(CurvatureOperator):
@@ -598,7 +278,7 @@ class HessianOperator(CurvatureOperator):
     """
 
     MODES = ("forward_over_reverse", "reverse_over_reverse")
-    layerwise_kind = "hessian"
+    layerwise_gradients = True
 
     def __init__(self, *args, mode: str = "auto", **kwargs):
         if mode not in self.MODES + ("auto",):
@@ -607,31 +287,11 @@ class HessianOperator(CurvatureOperator):
         self.mode = "reverse_over_reverse" if mode == "auto" else mode
         super().__init__(*args, **kwargs)
         self.mode_seconds: dict[str, float] = {}
-        if mode == "auto":
-            self.mode = ("reverse_over_reverse" if self.cache != "none" or self.plan is not None
-                         or not self.forward_ad else self._fastest_mode())
+        if mode == "auto" and self.cache == "none" and self.plan is None and self.forward_ad:
+            self.mode, self.mode_seconds = fastest_mode(self, self.MODES)
 
-    def _fastest_mode(self) -> str:
-        """Time one product of each mode on the first batch (after a warm-up); keep the faster.
-
-        Which wins depends on the network and dtype: forward-over-reverse was faster for a small
-        float64 CNN, reverse-over-reverse for a 1M-parameter float32 VGG (both on CPU).
-        """
-        inputs, targets = next(iter(self.batches))
-        v = self.unflatten(torch.ones(self.num_params, 1, dtype=self.dtype, device=self.device))
-        params = self._selected()
-        with curvature_mode(self.model, self.bn_mode):
-            for mode in self.MODES:
-                self.mode = mode
-                self.batch_product(inputs, targets, params, v)  # warm-up
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                start = time.perf_counter()
-                self.batch_product(inputs, targets, params, v)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                self.mode_seconds[mode] = time.perf_counter() - start
-        return min(self.mode_seconds, key=self.mode_seconds.get)
+    def _layerwise_column(self, primal, targets, vector):
+        return self.plan.hessian(primal, targets, vector)
 
     def _prepare(self, inputs, targets, leaves):
         loss = self.loss_fn(self.forward_fn(inputs)(leaves), targets)
@@ -686,7 +346,9 @@ class GGNOperator(CurvatureOperator):
     """
 
     default_cache = "none"
-    layerwise_kind = "ggn"
+
+    def _layerwise_column(self, primal, targets, vector):
+        return self.plan.ggn(primal, targets, vector)
 
     def _prepare(self, inputs, targets, leaves):
         outputs = self.forward_fn(inputs)(leaves)
@@ -718,7 +380,6 @@ class GGNOperator(CurvatureOperator):
         jv = vmap(lambda t: jvp(f, (params,), (t,))[1], randomness="different")(vectors)
         hjv = vmap(lambda u: self.loss.hessian_product(outputs, targets, u))(jv)
         return vmap(lambda u: pullback(u)[0])(hjv)
-
 
     def _dual_product(self, f, targets, params, vectors):
         leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}

@@ -129,12 +129,19 @@ def evaluate(model: torch.nn.Module, data, batch_size: int = 1000, dtype: torch.
     model) in eval mode (BatchNorm running stats)."""
     was_training = model.training
     model.eval()
-    mean_of, sum_of = as_loss(loss_fn), as_loss(loss_fn, reduction="sum")
+    mean_of = as_loss(loss_fn)
+    # A closed-form rule can sum (a batch of ignored tokens adds 0, not NaN); a user's callable gives
+    # what it gives: its mean times the batch's denominator is its sum.
+    sum_of = as_loss(loss_fn, reduction="sum") if mean_of.closed_form else None
     total_loss, counted, correct, top5, predicted = 0.0, 0.0, 0, 0, 0
     for inputs, labels in data.batches(batch_size, dtype=dtype):
         logits = model(inputs)
-        total_loss += float(sum_of(logits, labels))
-        counted += mean_of.denominator(labels)
+        denominator = mean_of.denominator(labels)
+        if sum_of is not None:
+            total_loss += float(sum_of(logits, labels))
+        else:
+            total_loss += float(mean_of(logits, labels)) * (denominator if mean_of.reduction == "mean" else 1.0)
+        counted += denominator
         correct += _topk_correct(logits, labels, 1)
         top5 += _topk_correct(logits, labels, 5)
         predicted += labels.numel()

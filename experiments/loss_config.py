@@ -16,7 +16,7 @@ from typing import Callable
 from omegaconf import DictConfig
 
 from curvature.errors import SuiteError
-from curvature.losses import REDUCTIONS, as_loss, get_loss
+from curvature.losses import REDUCTIONS, as_loss, loss_rule
 from curvature.models import _import_target
 from curvature.operators import LOSSES
 from experiments import validate as V
@@ -53,7 +53,7 @@ def build_loss(o: dict) -> Callable:
         return LOSSES[o["loss"]]
     if isinstance(o["loss"], str):
         options = {"label_smoothing": o["label_smoothing"]} if o["loss"] == "cross_entropy" else {}
-        return get_loss(o["loss"], reduction=o["reduction"], **options)
+        return loss_rule(o["loss"], reduction=o["reduction"], **options)
     keywords = {k: v for k, v in o["loss"].items() if k != "_target_"}
     try:
         cls = _import_target(o["loss"]["_target_"])

@@ -291,3 +291,22 @@ def test_dataset_weighting_counts_tokens_not_samples():
     assert op.data.denominators == [1.0, 10.0]
     assert_close(torch.tensor(op.data.weights, dtype=DT), torch.tensor([1 / 11, 10 / 11], dtype=DT))
     assert math.isclose(sum(op.data.weights), 1.0)
+
+
+def test_evaluation_with_a_users_mean_loss_callable_is_the_per_sample_mean():
+    from curvature.training import evaluate
+
+    class Data:
+        def __init__(self, x, y):
+            self.x, self.y = x, y
+
+        def batches(self, batch_size, dtype=None):
+            for i in range(0, len(self.y), batch_size):
+                yield self.x[i:i + batch_size], self.y[i:i + batch_size]
+
+    torch.manual_seed(8)
+    model = nn.Linear(3, 4).to(DT)
+    x, y = torch.randn(7, 3, dtype=DT), torch.randint(0, 4, (7,))
+    users_loss = lambda out, t: F.cross_entropy(out, t)  # noqa: E731  (a callable the suite does not know)
+    got = evaluate(model, Data(x, y), batch_size=3, dtype=DT, loss_fn=users_loss)["loss"]
+    assert math.isclose(got, float(F.cross_entropy(model(x), y)), rel_tol=1e-12)
