@@ -40,6 +40,11 @@ class LayerRule:
     def why_unsupported(cls, layer: nn.Module, bn_mode: str) -> Optional[str]:
         return None
 
+    @classmethod
+    def variant(cls, layer: nn.Module, bn_mode: str) -> type["LayerRule"]:
+        """The rule class that handles ``layer`` in BatchNorm mode ``bn_mode`` (this one, by default)."""
+        return cls
+
     def forward(self, x: torch.Tensor, p: dict) -> tuple:
         return x, None
 
@@ -343,10 +348,10 @@ class BatchNormEvalRule(LayerRule):
     second_order = True
 
     @classmethod
-    def why_unsupported(cls, layer, bn_mode):
-        if bn_mode != "eval" or layer.running_mean is None:
-            return "BatchNorm with batch statistics (bn_mode=train)"
-        return None
+    def variant(cls, layer, bn_mode):
+        """Batch statistics in ``train`` mode (the operators' curvature mode switches tracking off) and
+        for layers that keep no running statistics."""
+        return BatchNormTrainRule if bn_mode == "train" or layer.running_mean is None else cls
 
     def forward(self, x, p):
         layer = self.layer
@@ -357,14 +362,11 @@ class BatchNormEvalRule(LayerRule):
 
     def r_forward(self, rx, x, aux, p, v):
         xhat, scale = aux
-        out = None if rx is None else rx * _bshape(scale * p["weight"] if "weight" in p else scale, rx)
+        terms = [] if rx is None else [(scale * p["weight"] if "weight" in p else scale, rx)]
         if "weight" in v:
-            term = xhat * _bshape(v["weight"], xhat)
-            out = term if out is None else out + term
-        if "bias" in v:
-            term = _bshape(v["bias"], xhat)
-            out = term.expand_as(xhat).contiguous() if out is None else out + term
-        return out
+            terms.append((v["weight"], xhat))
+        bias = _bshape(v["bias"] if "bias" in v else torch.zeros_like(scale), xhat)
+        return _combine(bias, terms) if terms else bias.expand_as(xhat).contiguous()
 
     def backward_input(self, g, x, aux, p):
         scale = aux[1]
@@ -382,22 +384,212 @@ class BatchNormEvalRule(LayerRule):
         xhat, scale = aux
         grads = {}
         if "weight" in want:
-            term = rg * xhat if rx is None else rg * xhat + g * rx * _bshape(scale, rx)
-            grads["weight"] = _sum_channels(term)
+            grads["weight"] = _sum_channels(rg * xhat)
+            if rx is not None:
+                grads["weight"] = grads["weight"] + scale * _sum_channels(g * rx)
         if "bias" in want:
             grads["bias"] = _sum_channels(rg)
         if not need_input:
             return None, grads
-        result = self.backward_input(rg, x, aux, p)
+        if "weight" not in v:
+            return self.backward_input(rg, x, aux, p), grads
+        terms = [(scale * p["weight"], rg), (scale * v["weight"], g)]
+        return _combine(torch.zeros_like(_bshape(scale, g)), terms), grads
+
+
+class BatchNormTrainRule(LayerRule):
+    """BatchNorm with batch statistics. Per channel, ``E`` the mean over the batch (and spatial) axes,
+    ``s = 1 / sqrt(var + eps)`` (biased variance, as torch normalises), ``xhat = (x - E x) s``,
+    ``y = gamma xhat + beta``; ``aux = (xhat, s)``. With ``a = gamma g_y`` and ``k = E[xhat R{x}]``:
+
+    * backward: ``g_x = s (a - E a - xhat E[a xhat])``, ``g_gamma = sum g_y xhat``, ``g_beta = sum g_y``;
+    * R-forward: ``R{xhat} = s (R{x} - E R{x} - xhat k)``, ``R{y} = gamma R{xhat} + V_gamma xhat + V_beta``;
+    * R-backward: ``R{s} = -s^2 k``, ``R{a} = gamma R{g_y} + V_gamma g_y``,
+      ``R{g_x} = (R{s} / s) g_x + s (R{a} - E R{a} - R{xhat} E[a xhat] - xhat E[R{a} xhat + a R{xhat}])``,
+      ``R{g_gamma} = sum R{g_y} xhat + g_y R{xhat}``, ``R{g_beta} = sum R{g_y}``.
+
+    Every term is a per-channel multiple of ``R{g_y}``, ``g_y``, ``xhat``, ``R{x}`` or one, so each
+    result is formed in one sweep from per-channel means (the elementwise passes, not the reductions,
+    are what costs on a CPU). Every sample's output depends on every sample's input, so the rule is
+    second order even without parameters.
+    """
+
+    second_order = True
+
+    def forward(self, x, p):
+        var, mean = torch.var_mean(x, dim=_other_dims(x), correction=0)
+        scale = torch.rsqrt(var + self.layer.eps)
+        y = _combine(_bshape(p["bias"] - p["weight"] * scale * mean, x) if "weight" in p else
+                     _bshape(-scale * mean, x), [(p["weight"] * scale if "weight" in p else scale, x)])
+        xhat = _combine(_bshape(-scale * mean, x), [(scale, x)])
+        return y, (xhat, scale)
+
+    def r_forward(self, rx, x, aux, p, v):
+        xhat, s = aux
+        gamma = p["weight"] if "weight" in p else torch.ones_like(s)
+        c_xhat = v["weight"] if "weight" in v else torch.zeros_like(s)
+        c0 = v["bias"] if "bias" in v else torch.zeros_like(s)
+        terms = []
+        if rx is not None:
+            m_rx, k = _channel_mean(rx), _channel_mean(xhat, rx)
+            terms.append((gamma * s, rx))
+            c_xhat, c0 = c_xhat - gamma * s * k, c0 - gamma * s * m_rx
+        terms.append((c_xhat, xhat))
+        return _combine(_bshape(c0, xhat), terms)
+
+    def backward_input(self, g, x, aux, p):
+        xhat, s = aux
+        gs = p["weight"] * s if "weight" in p else s
+        return _combine(_bshape(-gs * _channel_mean(g), g), [(gs, g), (-gs * _channel_mean(g, xhat), xhat)])
+
+    def backward_params(self, g, x, aux, p, want, need_input):
+        grads = {}
+        if "weight" in want:
+            grads["weight"] = _sum_channels(g * aux[0])
+        if "bias" in want:
+            grads["bias"] = _sum_channels(g)
+        return (self.backward_input(g, x, aux, p) if need_input else None), grads
+
+    def r_backward(self, rg, g, rx, x, aux, p, v, want, need_input):
+        xhat, s = aux
+        count = xhat.numel() // xhat.shape[1]
+        gamma = p["weight"] if "weight" in p else torch.ones_like(s)
+        v_gamma = v.get("weight")
+        e_rg, e_rg_xhat = _channel_mean(rg), _channel_mean(rg, xhat)
+        needs_g = need_input or (rx is not None and "weight" in want)
+        e_g, e_g_xhat = (_channel_mean(g), _channel_mean(g, xhat)) if needs_g else (None, None)
+        k = m_rx = e_g_rxhat = 0.0
+        if rx is not None:
+            m_rx, k = _channel_mean(rx), _channel_mean(xhat, rx)
+            if needs_g:  # E[g R{xhat}]
+                e_g_rxhat = s * (_channel_mean(g, rx) - m_rx * e_g - k * e_g_xhat)
+        grads = {}
+        if "weight" in want:
+            grads["weight"] = count * (e_rg_xhat + e_g_rxhat)
+        if "bias" in want:
+            grads["bias"] = count * e_rg
+        if not need_input:
+            return None, grads
+        e_ra, e_ra_xhat = gamma * e_rg, gamma * e_rg_xhat
+        c_g = -s * s * k * gamma
+        if v_gamma is not None:
+            e_ra, e_ra_xhat, c_g = e_ra + v_gamma * e_g, e_ra_xhat + v_gamma * e_g_xhat, c_g + s * v_gamma
+        terms = [(s * gamma, rg), (c_g, g),
+                 (-s * e_ra_xhat + 2.0 * s * s * k * gamma * e_g_xhat - s * gamma * e_g_rxhat, xhat)]
+        if rx is not None:
+            terms.append((-s * s * gamma * e_g_xhat, rx))
+        c0 = -s * e_ra + s * s * gamma * (k * e_g + e_g_xhat * m_rx)
+        return _combine(_bshape(c0, g), terms), grads
+
+
+class LayerNormRule(LayerRule):
+    """LayerNorm: :class:`BatchNormTrainRule`'s formulas with ``E`` the mean over the normalised (last)
+    dimensions of each sample and position, and an elementwise (not per-channel) ``gamma``, ``beta``;
+    the parameter gradients sum over the leading dimensions. ``aux = (xhat, s)``, ``s`` kept per row."""
+
+    second_order = True
+
+    def _dims(self, x):
+        return list(range(x.dim() - len(self.layer.normalized_shape), x.dim()))
+
+    def _lead(self, x):
+        return list(range(x.dim() - len(self.layer.normalized_shape)))
+
+    def forward(self, x, p):
+        var, mean = torch.var_mean(x, dim=self._dims(x), correction=0, keepdim=True)
+        scale = torch.rsqrt(var + self.layer.eps)
+        xhat = (x - mean) * scale
+        y = xhat * p["weight"] if "weight" in p else xhat
+        return (y + p["bias"] if "bias" in p else y), (xhat, scale)
+
+    def _r_xhat(self, rx, xhat, scale):
+        dims = self._dims(rx)
+        return scale * (rx - rx.mean(dims, keepdim=True) - xhat * (xhat * rx).mean(dims, keepdim=True))
+
+    def _normalise_backward(self, a, xhat, scale):
+        dims = self._dims(a)
+        return scale * (a - a.mean(dims, keepdim=True) - xhat * (a * xhat).mean(dims, keepdim=True))
+
+    def r_forward(self, rx, x, aux, p, v):
+        xhat, scale = aux
+        out = None
+        if rx is not None:
+            out = self._r_xhat(rx, xhat, scale)
+            out = out * p["weight"] if "weight" in p else out
         if "weight" in v:
-            result = result + g * _bshape(scale * v["weight"], g)
+            out = xhat * v["weight"] if out is None else out + xhat * v["weight"]
+        if "bias" in v:
+            out = (v["bias"].expand_as(xhat).contiguous()) if out is None else out + v["bias"]
+        return out
+
+    def backward_input(self, g, x, aux, p):
+        return self._normalise_backward(g * p["weight"] if "weight" in p else g, *aux)
+
+    def backward_params(self, g, x, aux, p, want, need_input):
+        grads = {}
+        if "weight" in want:
+            grads["weight"] = (g * aux[0]).sum(self._lead(g))
+        if "bias" in want:
+            grads["bias"] = g.sum(self._lead(g))
+        return (self.backward_input(g, x, aux, p) if need_input else None), grads
+
+    def r_backward(self, rg, g, rx, x, aux, p, v, want, need_input):
+        xhat, scale = aux
+        rxhat = None if rx is None else self._r_xhat(rx, xhat, scale)
+        grads = {}
+        if "weight" in want:
+            grads["weight"] = (rg * xhat if rxhat is None else rg * xhat + g * rxhat).sum(self._lead(g))
+        if "bias" in want:
+            grads["bias"] = rg.sum(self._lead(g))
+        if not need_input:
+            return None, grads
+        a = g * p["weight"] if "weight" in p else g
+        ra = rg * p["weight"] if "weight" in p else rg
+        if "weight" in v:
+            ra = ra + g * v["weight"]
+        result = self._normalise_backward(ra, xhat, scale)
+        if rxhat is not None:
+            dims = self._dims(g)
+            rs_over_s = -scale * (xhat * rx).mean(dims, keepdim=True)
+            result = result + rs_over_s * self._normalise_backward(a, xhat, scale) - scale * (
+                rxhat * (a * xhat).mean(dims, keepdim=True) + xhat * (a * rxhat).mean(dims, keepdim=True))
         return result, grads
+
+
+class EmbeddingRule(LayerRule):
+    """``y = W[idx]``: linear in ``W`` and not differentiable in the (integer) input, so
+    ``R{y} = V_W[idx]``, ``g_W`` and ``R{g_W}`` scatter ``g_y`` and ``R{g_y}`` back to the rows
+    (``index_add``), and there is no second-order term."""
+
+    @classmethod
+    def why_unsupported(cls, layer, bn_mode):
+        # the padding row moves the outputs but gets no gradient: autograd's "Hessian" is then not
+        # symmetric (forward-over-reverse and reverse-over-reverse give transposes), so no rule matches both
+        return "Embedding with padding_idx, max_norm or scale_grad_by_freq" if layer.padding_idx is not None \
+            or layer.max_norm is not None or layer.scale_grad_by_freq else None
+
+    def forward(self, x, p):
+        return F.embedding(x, p["weight"]), None
+
+    def r_forward(self, rx, x, aux, p, v):
+        return F.embedding(x, v["weight"]) if "weight" in v else None
+
+    def backward_input(self, g, x, aux, p):
+        return None
+
+    def backward_params(self, g, x, aux, p, want, need_input):
+        if "weight" not in want:
+            return None, {}
+        dim = p["weight"].shape[1]
+        return None, {"weight": torch.zeros_like(p["weight"]).index_add_(0, x.reshape(-1), g.reshape(-1, dim))}
 
 
 #: layer types and their rules; the first entry whose types match a layer is its rule
 LAYER_RULES: list[tuple[tuple[type, ...], type[LayerRule]]] = [
     ((nn.Conv2d, nn.Linear), LinearMapRule),
     ((nn.BatchNorm1d, nn.BatchNorm2d), BatchNormEvalRule),
+    ((nn.LayerNorm,), LayerNormRule),
+    ((nn.Embedding,), EmbeddingRule),
     ((nn.ReLU,), ReLURule),
     ((nn.LeakyReLU,), LeakyReLURule),
     ((nn.Tanh,), TanhRule),
@@ -411,17 +603,34 @@ LAYER_RULES: list[tuple[tuple[type, ...], type[LayerRule]]] = [
 ]
 
 
-def rule_class(layer: nn.Module) -> Optional[type[LayerRule]]:
-    """The rule for ``layer``'s kind, or None when the layer-wise path has none."""
+def rule_class(layer: nn.Module, bn_mode: str = "eval") -> Optional[type[LayerRule]]:
+    """The rule for ``layer``'s kind (in BatchNorm mode ``bn_mode``), or None when the layer-wise path has none."""
     for types, rule in LAYER_RULES:
         if isinstance(layer, types):
-            return rule
+            return rule.variant(layer, bn_mode)
     return None
 
 
 def _bshape(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A per-channel vector shaped to broadcast over ``like`` (channels in dim 1)."""
     return t.view(1, -1, *([1] * (like.dim() - 2)))
+
+
+def _channel_mean(a: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per channel (dim 1): the mean of ``a``, or of ``a * b``."""
+    return (a if b is None else a * b).mean(_other_dims(a))
+
+
+def _combine(base: torch.Tensor, terms: list) -> torch.Tensor:
+    """``base + sum_i c_i * t_i`` for per-channel vectors ``c_i``, one elementwise pass per term."""
+    out = None
+    for c, t in terms:
+        out = torch.addcmul(base, _bshape(c, t), t) if out is None else out.addcmul_(_bshape(c, t), t)
+    return out if out is not None else base
+
+
+def _other_dims(t: torch.Tensor) -> list:
+    return [d for d in range(t.dim()) if d != 1]
 
 
 def _sum_channels(t: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Layer-wise Hessian and GGN products for sequential networks (Pearlmutter's R-operator, by hand).
+"""Layer-wise Hessian and GGN products for chains of layers (Pearlmutter's R-operator, by hand).
 
 Autograd's Hessian-vector product of a convolutional network differentiates the backward pass a
 second time; for a convolution that second pass (``_convolution_double_backward``) computes the weight
@@ -27,14 +27,17 @@ Hessian, each parametrised layer's output gradient) does not depend on the vecto
 Each layer kind's part is one rule object (:mod:`curvature.layer_rules`); the plan only loops over
 the layers. Supported layers: ``Conv2d`` (zero padding, ``groups=1``), ``Linear``, ``ReLU``,
 ``LeakyReLU``, ``Tanh``, ``Sigmoid``, ``GELU``, ``SiLU``, ``Softplus``, ``MaxPool2d``, ``AvgPool2d``,
-``AdaptiveAvgPool2d``, ``Flatten``, ``Dropout`` (off) and ``Identity``, and ``BatchNorm1d/2d``
-normalising with running statistics (``bn_mode="eval"``). Losses: those with a closed-form output
-Hessian (:mod:`curvature.losses`: cross-entropy with class weights and label smoothing, MSE; mean or
-sum reduction). The chain comes from the model's ``curvature_layers()`` when it defines one (the
-suite's VGG, MLP and SmallCNN do), or from an ``nn.Sequential``. :func:`build_plan` returns ``None``
-with a reason for anything else (ResNets' skip connections, BatchNorm with batch statistics, other
-losses), and the operators fall back to autograd; they also check the chain against ``model(x)`` on
-the first batch before trusting it.
+``AdaptiveAvgPool2d``, ``Flatten``, ``Dropout`` (off), ``Identity``, ``LayerNorm``, ``Embedding`` (no
+``padding_idx``), and ``BatchNorm1d/2d`` with running statistics (``bn_mode="eval"``) or batch statistics
+(``bn_mode="train"``). Losses: those
+with a closed-form output Hessian (:mod:`curvature.losses`: cross-entropy with class weights and label
+smoothing, MSE; mean or sum reduction). The chain comes from the model's ``curvature_layers()`` when it
+defines one (the suite's VGG, MLP and SmallCNN do), or from an ``nn.Sequential``; any other model
+(ResNets' skip connections, a user's module) is traced by ``torch.fx`` into a
+:class:`curvature.graph_plan.GraphPlan`, which runs the same rules over the graph. :func:`build_plan`
+returns ``None`` with a reason for anything else (an unsupported layer or graph node, an untraceable
+forward, other losses), and the operators fall back to autograd; they also check the plan against
+autograd's product on the first batch before trusting it.
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ def layer_chain(model: nn.Module) -> Optional[list[nn.Module]]:
 
 
 def _unsupported(layer: nn.Module, bn_mode: str) -> Optional[str]:
-    rule = rule_class(layer)
+    rule = rule_class(layer, bn_mode)
     return f"layer type {type(layer).__name__}" if rule is None else rule.why_unsupported(layer, bn_mode)
 
 
@@ -85,7 +88,9 @@ def build_plan(model: nn.Module, loss_fn: Union[Callable, Loss], names: Sequence
         return None, f"the loss {loss.describe()} has no closed-form output Hessian"
     layers = layer_chain(model)
     if layers is None:
-        return None, f"{type(model).__name__} is not a chain of layers (no curvature_layers())"
+        from curvature.graph_plan import build_graph_plan  # residual networks and other traced graphs
+
+        return build_graph_plan(model, loss, names, bn_mode)
     for layer in layers:
         reason = _unsupported(layer, bn_mode)
         if reason:
@@ -103,7 +108,7 @@ def build_plan(model: nn.Module, loss_fn: Union[Callable, Loss], names: Sequence
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     if set(trainable) - set(owned):
         return None, "the layer chain does not use every parameter"
-    return LayerwisePlan(layers, prefix, loss, names), ""
+    return LayerwisePlan(layers, prefix, loss, names, bn_mode), ""
 
 
 class LayerwisePlan:
@@ -115,9 +120,10 @@ class LayerwisePlan:
     closed-form output Hessian.
     """
 
-    def __init__(self, layers: list[nn.Module], prefix: dict, loss: Loss, names: Sequence[str]):
+    def __init__(self, layers: list[nn.Module], prefix: dict, loss: Loss, names: Sequence[str],
+                 bn_mode: str = "eval"):
         self.layers = layers
-        self.rules: list[LayerRule] = [rule_class(layer)(layer) for layer in layers]
+        self.rules: list[LayerRule] = [rule_class(layer, bn_mode)(layer) for layer in layers]
         self.loss = loss
         self.names = list(names)
         selected = set(self.names)

@@ -12,7 +12,7 @@ from torch.func import functional_call
 
 from curvature.dense import dense_ggn, dense_hessian
 from curvature.layerwise import build_plan
-from curvature.losses import get_loss
+from curvature.losses import loss_rule
 from curvature.operators import make_operator
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -61,7 +61,7 @@ def test_activation_rules_give_the_dense_hessian_and_ggn(act, chain, loss, devic
     maker, shape = CHAINS[chain]
     torch.manual_seed(0)
     model = maker(ACTIVATIONS[act]).double().to(device)
-    data, loss_fn = batches(shape, device=device), get_loss(loss)
+    data, loss_fn = batches(shape, device=device), loss_rule(loss)
     v = torch.randn(sum(p.numel() for p in model.parameters()), 2, dtype=torch.float64,
                     generator=torch.Generator().manual_seed(1)).to(device)
     for name, dense in (("hessian", dense_hessian), ("ggn", dense_ggn)):
