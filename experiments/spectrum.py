@@ -1,6 +1,6 @@
 """``analysis=spectrum``: the Lanczos spectral density of an operator, with checks and a figure.
 
-On an image dataset it takes the Hessian / GGN of a network (:mod:`experiments.spectrum_network`).
+On an image (or text) dataset it takes the Hessian / GGN of a network (:mod:`experiments.spectrum_network`).
 On a matrix dataset (``wigner``, ``marchenko_pastur``, ``synthetic_spectrum``) it runs Lanczos on the
 dense matrix, computes the exact eigenvalues when the matrix is small enough, and reports the
 checks of PAPER.md for fig2, fig3, fig4 and fig6: support, moments, mass at zero, outlier recovery,
@@ -30,6 +30,10 @@ MATRIX_AUTO_MAX_DIM = 4000
 def validate(cfg: DictConfig) -> dict:
     common = _validate_common(cfg)
     if V.get(cfg, "dataset.kind", "matrix") == "matrix":
+        if V.get(cfg, "analysis.blocks", None) is not None:
+            raise V.ConfigError("analysis.blocks", V.get(cfg, "analysis.blocks"),
+                                "blocks are groups of a network's parameters: a matrix dataset has none",
+                                "analysis.blocks=null")
         return {**common, "kind": "matrix", "dataset": validate_matrix_dataset(cfg)}
     return {**validate_network(cfg, common), "kind": "network"}
 

@@ -36,6 +36,7 @@ from curvature.microbatch import describe_splits
 from curvature.operators import CACHE_MODES, OPERATORS, make_operator
 from curvature.spectrum import SpectralMeasure
 from curvature.training import peak_memory_bytes
+from experiments import blocks as B
 from experiments import lanczos_state
 from experiments import validate as V
 from experiments.loss_config import build_loss, validate_loss
@@ -73,8 +74,9 @@ def validate_operator(cfg: DictConfig) -> dict:
 
 
 def validate_network(cfg: DictConfig, common: dict) -> dict:
-    dataset = validate_image_dataset(cfg)
+    dataset = validate_image_dataset(cfg, allow_text=True)
     settings = {**common, "dataset": dataset, "model": validate_model(cfg),
+                "blocks": B.validate(cfg),
                 "operator": validate_operator(cfg),
                 "checkpoint": checkpoint_path(cfg, "analysis.checkpoint"),
                 "data_split": V.choice(cfg, "analysis.data_split", ["train", "test"]),
@@ -105,7 +107,8 @@ def run_network(run: Run) -> dict:
         batches = shard(batches, run.rank, run.world_size)
     run.metric("num_samples", len(data))
     loss_fn = build_loss(o)
-    cost, panels = [], []
+    blocks = B.groups(s, model)  # before any Lanczos work: a bad group fails at once
+    cost, panels, block_rows = [], [], []
     for name in o["names"]:
         op = make_operator(name, model, loss_fn, batches, bn_mode=o["bn_mode"], params=o["params"],
                            mode=o["hvp_mode"], check_deterministic=o["check_deterministic"], cache=o["cache"],
@@ -155,11 +158,15 @@ def run_network(run: Run) -> dict:
         run.metric(f"{name}_exact_seconds", exact_cost["exact_seconds"])
         _record(run, s, name, op, model, result, measure, exact)
         panels.append((name, measure, exact))
+        if blocks is not None:  # through this operator's products: the blocks share its primal cache
+            block_rows += B.run_blocks(run, name, op, measure, blocks)
     elapsed = time.perf_counter() - run.t0
     for row in cost:  # the share of the run so far (only drawing and writing remain)
         row["exact_share_of_run"] = row["exact_seconds"] / elapsed
     run.metric("num_params", cost[0]["num_params"])
     run.table("cost", cost)
+    if block_rows:
+        run.table("blocks", block_rows)
     run.figure(_draw(panels, s, has_batch_norm(model)), "spectrum")
     results = run.finish(lanczos={"num_steps": s["num_steps"], "num_vectors": s["num_vectors"],
                                   "engine": s["lanczos_engine"]},

@@ -98,6 +98,12 @@ JOBS: dict[str, Job] = {
     "fig11": _landscape(11, "ritz_cifar10", "train_cifar10"),
     "fig12": _landscape(12, "ritz_cifar10", "train_cifar10"),
     "cost": Job({"smoke": "cost_smoke", "paper": "cost"}),
+    # per-block spectra (Zhang et al. 2024): one preset, its GPT default and a CNN override; no paper scale yet
+    "train_gpt": _same("train_gpt_tiny", overrides={"smoke": ["analysis.epochs=3"]}),
+    "train_digits": _same("train_digits", overrides={"smoke": ["analysis.epochs=10"]}),
+    "blocks_gpt": _network("blocks_gpt_vs_cnn_smoke", "blocks_gpt_vs_cnn_smoke", "train_gpt"),
+    "blocks_cnn": _network("blocks_gpt_vs_cnn_smoke", "blocks_gpt_vs_cnn_smoke", "train_digits",
+                           ("dataset=digits", "model=cnn", "dataset.num_subsamples=256")),
 }
 
 # artefact -> (figure script, the jobs whose runs it reads), in PAPER.md's order
@@ -121,6 +127,7 @@ ARTEFACTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "thm5": ("thm5_smoothing", ("thm5",)),
     "lemma1": ("lemma1_one_vector", ("lemma1",)),
     "cost": ("cost", ("cost",)),
+    "blocks": ("blocks_gpt_vs_cnn", ("blocks_gpt", "blocks_cnn")),
 }
 PLACEHOLDER = re.compile(r"\{(checkpoint|dir):(\w+)\}")
 

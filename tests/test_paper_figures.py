@@ -77,6 +77,18 @@ def landscape_run(folder, dataset, ok):
                      {"loss_at_t0_consistent": (0.0, ok)}, arrays, tables={"directions": rows}, operator="hessian")
 
 
+def blocks_run(folder, model: str, heterogeneity: float):
+    """A spectrum run with analysis.blocks=layer: two blocks per operator and the saved number."""
+    rows = [{"operator": op, "block": b, "num_params": 10} for op in ("ggn", "hessian") for b in ("(whole)", "a", "b")]
+    arrays = {}
+    for op in ("ggn", "hessian"):
+        for i in range(2):  # network_arrays' keys x_ritz_values, x_ritz_weights, x_mask
+            arrays.update({f"{op}_block{i}_{k[2:]}": v for k, v in network_arrays(("x",)).items()})
+    return write_run(folder, "spectrum", {**NET, "model": {"name": model}, "dataset": {"name": "text"}}, {}, arrays,
+                     tables={"blocks": rows}, metrics={"num_blocks": 2, "hessian_block_heterogeneity": heterogeneity,
+                                                       "ggn_block_heterogeneity": heterogeneity / 2})
+
+
 def fixture(artefact: str, root: Path, ok: bool = True) -> list[Path]:
     """A results folder (or folders) for one artefact; ``ok=False`` makes one of its checks fail."""
     if artefact == "fig2":
@@ -156,6 +168,8 @@ def fixture(artefact: str, root: Path, ok: bool = True) -> list[Path]:
                  "seconds_per_product": 0.9 * s, "peak_memory_bytes": 2 ** 20 * (100 if ok else 0),
                  "peak_memory_kind": "process_max_rss", "dtype": "float32"} for n, s in (("ggn", 0.1), ("hessian", 0.3))]
         return [write_run(root / "c", "spectrum", {**NET, "dataset": {"name": "cifar100"}}, {}, tables={"cost": rows})]
+    if artefact == "blocks":
+        return [blocks_run(root / model, model, h) for model, h in (("gpt_tiny", 0.3 if ok else 0.1), ("cnn", 0.2))]
     if artefact == "fig1":
         return fig1_fixture(root, [0.10, 0.12, 0.13] if ok else [0.10, 0.12, 0.30])
     raise KeyError(artefact)

@@ -23,6 +23,7 @@ SMOKE = {
     "train_gpt_tiny": ["analysis.epochs=2", "dataset.num_subsamples=256"],
     "train_vgg16_cifar100": ["dataset.data_dir={fake_cifar100}", "model.width=0.0625", "analysis.epochs=1"],
     "demo_train": ["analysis.epochs=1", "analysis.target_test_accuracy=null"],
+    "blocks_gpt_vs_cnn_smoke": ["analysis.require_checkpoint=false", "analysis.num_steps=4", "dataset.num_subsamples=8"],
     "demo_spectrum": ["analysis.require_checkpoint=false", "analysis.num_steps=10", "dataset.num_subsamples=128"],
     "benchmark_digits": ["analysis.lanczos_steps=3", "analysis.repeats=1", "dataset.num_subsamples=128"],
     "benchmark_cpu": ["model.width=0.0625", "dataset.num_subsamples=64", "analysis.lanczos_steps=3",
