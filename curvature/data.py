@@ -373,22 +373,28 @@ class ImageData:
         The last partial batch is kept unless ``drop_last``. Without a ``generator``, shuffling and
         augmentation draw from one seeded from torch's default generator (so ``torch.manual_seed`` holds).
         """
-        if int(batch_size) != batch_size or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
-        device, n = self.images.device, len(self)
+        device = self.images.device
         if generator is None and (shuffle or augment):
             generator = torch.Generator(device=device).manual_seed(int(torch.randint(2**62, (1,))))
-        if shuffle:
-            order = torch.randperm(n, generator=generator, device=generator.device).to(device)
-        else:
-            order = torch.arange(n, device=device)
-        stop = n - n % batch_size if drop_last else n
-        for start in range(0, stop, batch_size):
-            idx = order[start:start + batch_size]
+        for idx in batch_indices(len(self), batch_size, shuffle, generator, device, drop_last):
             images = self.images[idx]
             if augment:
                 images = _augment(images, generator)
             yield self.normalise(images, dtype), self.labels[idx]
+
+
+def batch_indices(n: int, batch_size: int, shuffle: bool, generator: torch.Generator | None,
+                  device: torch.device, drop_last: bool = False):
+    """Index tensors of one pass over ``n`` samples in batches (a ``generator`` permutation when shuffling)."""
+    if int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    if shuffle:
+        order = torch.randperm(n, generator=generator, device=generator.device).to(device)
+    else:
+        order = torch.arange(n, device=device)
+    stop = n - n % batch_size if drop_last else n
+    for start in range(0, stop, batch_size):
+        yield order[start:start + batch_size]
 
 
 @dataclass
@@ -454,19 +460,26 @@ def load_splits(name: str, data_dir=None, device="cpu", download: bool = False, 
     def split(x, y):
         return ImageData(x, torch.from_numpy(y).to(device), num_classes, mean, std, name)
 
-    train, test, val = split(train_images, train_y), split(torch.from_numpy(test_x).to(device), test_y), None
+    train, test = split(train_images, train_y), split(torch.from_numpy(test_x).to(device), test_y)
+    train, val = holdout_and_subsample(train, val_size, num_subsamples, seed, name, device)
+    return DataSplits(train, test, val)
+
+
+def holdout_and_subsample(train, val_size: int, num_subsamples, seed: int, what: str, device):
+    """``(train, val)``: ``val_size`` seeded samples held out of ``train``, then a seeded subset of the rest."""
+    val = None
     if not 0 <= val_size < len(train):
-        raise SuiteError(f"dataset.val_size={val_size} must lie in [0, {len(train)}) for {name}")
+        raise SuiteError(f"dataset.val_size={val_size} must lie in [0, {len(train)}) for {what}")
     if val_size:
         order = torch.randperm(len(train), generator=seeded_generator(seed, "data.val_split")).to(device)
         train, val = train.subset(order[val_size:]), train.subset(order[:val_size])
     if num_subsamples is not None:
         if not 0 < num_subsamples <= len(train):
             raise SuiteError(f"dataset.num_subsamples={num_subsamples} must lie in [1, {len(train)}] for "
-                             f"{name} with val_size={val_size}")
+                             f"{what} with val_size={val_size}")
         keep = torch.randperm(len(train), generator=seeded_generator(seed, "data.subsample"))[:num_subsamples]
         train = train.subset(keep.to(device))
-    return DataSplits(train, test, val)
+    return train, val
 
 
 # ------------------------------------------------------------------------------------------- CLI

@@ -340,7 +340,22 @@ class LinearMapRule(LayerRule):
             list(layer.dilation), False, [0, 0], 1, [need_input, need_weight, need_bias]))
 
 
-class BatchNormEvalRule(LayerRule):
+class _ChannelAffineRule(LayerRule):
+    """A per-channel ``y = gamma xhat + beta`` with ``aux = (xhat, s)``: ``g_gamma = sum g_y xhat``,
+    ``g_beta = sum g_y`` whichever statistics ``xhat`` comes from."""
+
+    second_order = True
+
+    def backward_params(self, g, x, aux, p, want, need_input):
+        grads = {}
+        if "weight" in want:
+            grads["weight"] = _sum_channels(g * aux[0])
+        if "bias" in want:
+            grads["bias"] = _sum_channels(g)
+        return (self.backward_input(g, x, aux, p) if need_input else None), grads
+
+
+class BatchNormEvalRule(_ChannelAffineRule):
     """BatchNorm with running statistics: the per-channel affine map ``y = gamma xhat + beta`` with
     ``xhat = (x - mean) s``, ``s = 1 / sqrt(var + eps)``; ``aux = (xhat, s)``.
     ``R{g_gamma} = sum R{g_y} xhat + g_y R{x} s``, ``R{g_x} = gamma s R{g_y} + V_gamma s g_y``."""
@@ -372,14 +387,6 @@ class BatchNormEvalRule(LayerRule):
         scale = aux[1]
         return g * _bshape(scale * p["weight"] if "weight" in p else scale, g)
 
-    def backward_params(self, g, x, aux, p, want, need_input):
-        grads = {}
-        if "weight" in want:
-            grads["weight"] = _sum_channels(g * aux[0])
-        if "bias" in want:
-            grads["bias"] = _sum_channels(g)
-        return (self.backward_input(g, x, aux, p) if need_input else None), grads
-
     def r_backward(self, rg, g, rx, x, aux, p, v, want, need_input):
         xhat, scale = aux
         grads = {}
@@ -397,7 +404,7 @@ class BatchNormEvalRule(LayerRule):
         return _combine(torch.zeros_like(_bshape(scale, g)), terms), grads
 
 
-class BatchNormTrainRule(LayerRule):
+class BatchNormTrainRule(_ChannelAffineRule):
     """BatchNorm with batch statistics. Per channel, ``E`` the mean over the batch (and spatial) axes,
     ``s = 1 / sqrt(var + eps)`` (biased variance, as torch normalises), ``xhat = (x - E x) s``,
     ``y = gamma xhat + beta``; ``aux = (xhat, s)``. With ``a = gamma g_y`` and ``k = E[xhat R{x}]``:
@@ -441,14 +448,6 @@ class BatchNormTrainRule(LayerRule):
         xhat, s = aux
         gs = p["weight"] * s if "weight" in p else s
         return _combine(_bshape(-gs * _channel_mean(g), g), [(gs, g), (-gs * _channel_mean(g, xhat), xhat)])
-
-    def backward_params(self, g, x, aux, p, want, need_input):
-        grads = {}
-        if "weight" in want:
-            grads["weight"] = _sum_channels(g * aux[0])
-        if "bias" in want:
-            grads["bias"] = _sum_channels(g)
-        return (self.backward_input(g, x, aux, p) if need_input else None), grads
 
     def r_backward(self, rg, g, rx, x, aux, p, v, want, need_input):
         xhat, s = aux

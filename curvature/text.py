@@ -26,6 +26,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from curvature.data import batch_indices, holdout_and_subsample
 from curvature.errors import DataError, SuiteError
 from curvature.seeding import generator as seeded_generator
 
@@ -89,20 +90,12 @@ class TextData:
                 generator: torch.Generator | None = None, dtype=torch.float32, drop_last: bool = False):
         """Yield ``(inputs, targets)``, both int64 whatever ``dtype`` (the model embeds the ids in its own
         dtype); shuffling as ``ImageData.batches``. Text has no augmentation."""
-        if int(batch_size) != batch_size or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
         if augment:
             raise ValueError("text has no augmentation; set dataset.augment=false")
-        device, n = self.inputs.device, len(self)
+        device = self.inputs.device
         if generator is None and shuffle:
             generator = torch.Generator(device=device).manual_seed(int(torch.randint(2**62, (1,))))
-        if shuffle:
-            order = torch.randperm(n, generator=generator, device=generator.device).to(device)
-        else:
-            order = torch.arange(n, device=device)
-        stop = n - n % batch_size if drop_last else n
-        for start in range(0, stop, batch_size):
-            idx = order[start:start + batch_size]
+        for idx in batch_indices(len(self), batch_size, shuffle, generator, device, drop_last):
             yield self.inputs[idx], self.targets[idx]
 
 
@@ -175,18 +168,8 @@ def load_text(path=None, context: int = 32, test_fraction: float = 0.1, split_se
         chosen = windows[rows.sort().values].to(device)  # in text order within a split
         return TextData(chosen[:, :-1], chosen[:, 1:], vocabulary)
 
-    train, test, val = split(order[test_count:]), split(order[:test_count]), None
-    if not 0 <= val_size < len(train):
-        raise SuiteError(f"dataset.val_size={val_size} must lie in [0, {len(train)}) for this text")
-    if val_size:
-        held = torch.randperm(len(train), generator=seeded_generator(seed, "data.val_split"))
-        train, val = train.subset(held[val_size:]), train.subset(held[:val_size])
-    if num_subsamples is not None:
-        if not 0 < num_subsamples <= len(train):
-            raise SuiteError(f"dataset.num_subsamples={num_subsamples} must lie in [1, {len(train)}] for this "
-                             f"text with val_size={val_size}")
-        keep = torch.randperm(len(train), generator=seeded_generator(seed, "data.subsample"))[:num_subsamples]
-        train = train.subset(keep)
+    train, test = split(order[test_count:]), split(order[:test_count])
+    train, val = holdout_and_subsample(train, val_size, num_subsamples, seed, "this text", device)
     source = {"files": [str(f) for f in files], "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
               "num_characters": len(text), "num_windows": num_windows, "default_corpus": path is None}
     if path is None:

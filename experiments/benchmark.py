@@ -33,6 +33,7 @@ from omegaconf import DictConfig
 
 from curvature import plotting
 from curvature.lanczos import lanczos
+from curvature.losses import as_loss
 from curvature.operators import HessianOperator, curvature_mode, make_operator
 from curvature.io import write_bytes_atomic
 from curvature.timing import interleaved_median_seconds
@@ -49,7 +50,7 @@ HVP_MODES = ("forward_over_reverse", "reverse_over_reverse")
 
 
 def validate(cfg: DictConfig) -> dict:
-    dataset = validate_image_dataset(cfg)
+    dataset = validate_image_dataset(cfg, allow_text=True)
     return {"dataset": dataset, "model": validate_model(cfg), "operator": validate_operator(cfg),
             "checkpoint": checkpoint_path(cfg, "analysis.checkpoint"),
             "repeats": V.positive_int(cfg, "analysis.repeats", "analysis.repeats=3"),
@@ -64,15 +65,16 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
 
 
 def full_gradient(model, loss_fn, batches, bn_mode: str) -> None:
-    """One gradient of the batch-size-weighted mean loss (the reference cost)."""
-    total = sum(int(y.shape[0]) for _, y in batches)
+    """One gradient of the dataset's mean loss, batches weighted as the operators weight them (the reference cost)."""
+    loss = as_loss(loss_fn)
+    denominators = [loss.denominator(y) for _, y in batches]
     params = [p for p in model.parameters() if p.requires_grad]
     with curvature_mode(model, bn_mode), torch.enable_grad():
         grads = [torch.zeros_like(p) for p in params]
-        for inputs, targets in batches:
-            batch = torch.autograd.grad(loss_fn(model(inputs), targets), params)
+        for (inputs, targets), d in zip(batches, denominators):
+            batch = torch.autograd.grad(loss(model(inputs), targets), params)
             for g, b in zip(grads, batch):
-                g.add_(b, alpha=targets.shape[0] / total)
+                g.add_(b, alpha=loss.batch_weight(d, sum(denominators)))
 
 
 def run(cfg: DictConfig) -> dict:
