@@ -13,14 +13,13 @@ Batches may be ``(inputs, targets)`` pairs or dicts (Hugging Face style, ``{"inp
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any, Callable, Iterable, Optional
 
 import torch
 
 from curvature.errors import SuiteError
 
-__all__ = ["OperatorData", "default_unpack", "model_outputs", "slice_inputs"]
+__all__ = ["OperatorData", "default_unpack", "model_outputs", "slice_inputs", "tensors_in", "versions"]
 
 _TARGET_KEYS = ("labels", "label", "targets")
 
@@ -53,13 +52,14 @@ def model_outputs(out) -> torch.Tensor:
                      "forward=lambda model, inputs: <the logits>")
 
 
-def _tensors(x) -> list[torch.Tensor]:
+def tensors_in(x) -> list[torch.Tensor]:
+    """Every tensor in ``x``: a tensor, or dicts, tuples and lists of them (nested)."""
     if torch.is_tensor(x):
         return [x]
     if isinstance(x, dict):
-        return [t for v in x.values() for t in _tensors(v)]
+        return [t for v in x.values() for t in tensors_in(v)]
     if isinstance(x, (tuple, list)):
-        return [t for v in x for t in _tensors(v)]
+        return [t for v in x for t in tensors_in(v)]
     return []
 
 
@@ -86,7 +86,7 @@ def slice_inputs(x, n: int, stop: int):
 
 def versions(x) -> tuple:
     """Version counters of every tensor in ``x``: an in-place change shows as a new tuple."""
-    return tuple(t._version for t in _tensors(x))
+    return tuple(t._version for t in tensors_in(x))
 
 
 class OperatorData:
@@ -109,7 +109,7 @@ class OperatorData:
             batches = [(unpack or default_unpack)(b) for b in source]
             if not isinstance(source, (list, tuple)):
                 self.notes.append(f"read {len(batches)} batches once from a {type(source).__name__}")
-        if device is not None and any(t.device != device for b in batches for t in _tensors(b)):
+        if device is not None and any(t.device != device for b in batches for t in tensors_in(b)):
             batches = [(_to(x, device), _to(y, device)) for x, y in batches]
             self.notes.append(f"batches moved to {device}")
         self.batches = batches
@@ -128,15 +128,6 @@ class OperatorData:
 
     def __len__(self) -> int:
         return len(self.batches)
-
-    def fingerprint(self) -> str:
-        """SHA-256 of every input and target tensor, in order: the same hash means the same data."""
-        digest = hashlib.sha256()
-        for inputs, targets in self.batches:
-            for t in (*_tensors(inputs), targets):
-                digest.update(str((tuple(t.shape), str(t.dtype))).encode())
-                digest.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-        return digest.hexdigest()
 
 
 def _shuffles(source) -> bool:

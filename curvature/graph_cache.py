@@ -18,7 +18,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from curvature.batches import versions
+from curvature.batches import tensors_in, versions
 
 CACHE_MODES = ("auto", "all", "none")
 #: ``cache="auto"`` keeps graphs while they take at most this share of the free device memory.
@@ -78,7 +78,7 @@ class GraphCache:
             return entry[3]
         if entry is not None or (self.graphs and next(iter(self.graphs.values()))[2][0] != key[0]):
             self.clear()  # weights or data changed: every graph is stale
-        shared = {_storage(t) for t in (*self.model.parameters(), *self.model.buffers(), *_tensors(inputs), targets)}
+        shared = {_storage(t) for t in (*self.model.parameters(), *self.model.buffers(), *tensors_in(inputs), targets)}
         storages: dict[int, int] = {}
 
         def pack(t: torch.Tensor) -> torch.Tensor:  # counts what the graph keeps alive beyond the model
@@ -94,7 +94,7 @@ class GraphCache:
             warnings.warn(f"{self.owner}: out of memory while caching a batch graph; "
                           "recomputing the primal for every product from now on", RuntimeWarning, stacklevel=5)
             return None
-        for t in _tensors(graph):
+        for t in tensors_in(graph):
             if _storage(t) not in shared:
                 storages[_storage(t)] = t.untyped_storage().nbytes()
         size = sum(storages.values())
@@ -128,12 +128,3 @@ class GraphCache:
 def _storage(t: torch.Tensor) -> int:
     return t.untyped_storage().data_ptr()
 
-
-def _tensors(value) -> list:
-    if torch.is_tensor(value):
-        return [value]
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _tensors(v)]
-    return []

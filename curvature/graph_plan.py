@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from curvature.layer_rules import LayerRule, ReLURule, SigmoidRule, SiLURule, TanhRule, rule_class
+from curvature.layer_rules import LayerRule, ReLURule, SigmoidRule, SiLURule, TanhRule, rule_class, to_channels_last
 from curvature.losses import Loss
 
 _ADD = {operator.add, operator.iadd, torch.add, "add"}
@@ -252,7 +252,7 @@ class GraphPlan:
         channels_last = self.has_conv and inputs.device.type == "cpu" and inputs.dim() == 4
         if channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
-            params = {n: _to_cl(t) for n, t in params.items() if n in self.used}
+            params = {n: to_channels_last(t) for n, t in params.items() if n in self.used}
         env: list = [None] * len(self.steps)
         aux: list = [None] * len(self.steps)
         with torch.no_grad():
@@ -319,7 +319,7 @@ class GraphPlan:
 
     def _product(self, primal: dict, targets: torch.Tensor, tangents: dict, hessian: bool) -> dict:
         if primal["channels_last"]:
-            tangents = {n: _to_cl(t) for n, t in tangents.items()}
+            tangents = {n: to_channels_last(t) for n, t in tangents.items()}
         out: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             rs = self._r_forward(primal, tangents)
@@ -385,6 +385,3 @@ class GraphPlan:
     def _v(self, i: int, tangents: dict) -> dict:
         return {local: tangents[full] for local, full in self.steps[i].keys.items() if full in tangents}
 
-
-def _to_cl(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t

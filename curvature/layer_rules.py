@@ -610,6 +610,11 @@ def rule_class(layer: nn.Module, bn_mode: str = "eval") -> Optional[type[LayerRu
     return None
 
 
+def to_channels_last(t: torch.Tensor) -> torch.Tensor:
+    """A 4-d tensor in the channels-last memory format (oneDNN's fast CPU kernels); others as they are."""
+    return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
+
+
 def _bshape(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A per-channel vector shaped to broadcast over ``like`` (channels in dim 1)."""
     return t.view(1, -1, *([1] * (like.dim() - 2)))

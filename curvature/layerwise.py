@@ -47,7 +47,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from curvature.layer_rules import LayerRule, rule_class
+from curvature.layer_rules import LayerRule, rule_class, to_channels_last
 from curvature.losses import Loss, as_loss
 
 
@@ -160,7 +160,7 @@ class LayerwisePlan:
         channels_last = self.has_conv and inputs.device.type == "cpu" and inputs.dim() == 4
         if channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
-            params = {n: _to_cl(t) for n, t in params.items() if n in self.used}
+            params = {n: to_channels_last(t) for n, t in params.items() if n in self.used}
         with torch.no_grad():
             outputs, saved = self.forward(inputs, params, keep=True)
             primal = {"saved": saved, "outputs": outputs, "grads": None, "params": params,
@@ -220,7 +220,7 @@ class LayerwisePlan:
     # --- helpers ---------------------------------------------------------------------------------
     @staticmethod
     def _tangents(primal: dict, tangents: dict) -> dict:
-        return {n: _to_cl(t) for n, t in tangents.items()} if primal["channels_last"] else tangents
+        return {n: to_channels_last(t) for n, t in tangents.items()} if primal["channels_last"] else tangents
 
     def _p(self, index: int, params: dict) -> dict:
         return {local: params[full] for local, full in self.keys[index].items()}
@@ -228,6 +228,3 @@ class LayerwisePlan:
     def _v(self, index: int, tangents: dict) -> dict:
         return {local: tangents[full] for local, full in self.keys[index].items() if full in tangents}
 
-
-def _to_cl(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t

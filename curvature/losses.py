@@ -210,14 +210,6 @@ class CrossEntropy(Loss):
         pu = p * u_rows
         return back(s * (pu - p * pu.sum(-1, keepdim=True)))
 
-    def hessian_sqrt(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """``S`` (M, C, C) per row with ``S S^T`` that row's output Hessian (``diag(sqrt p) - p sqrt(p)^T``)."""
-        rows, t, _ = self._rows(outputs, targets)
-        p = torch.softmax(rows, dim=-1)
-        root = p.sqrt()
-        s = self._q(rows, t).sum(-1) * self._scale(t, rows)
-        return (torch.diag_embed(root) - p.unsqueeze(-1) * root.unsqueeze(-2)) * s.sqrt()[:, None, None]
-
 
 class MeanSquaredError(Loss):
     """``sum (z - y)^2``, divided by the number of entries for the mean (``nn.MSELoss``).
@@ -249,11 +241,6 @@ class MeanSquaredError(Loss):
 
     def hessian_product(self, outputs: torch.Tensor, targets: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         return 2.0 * self._scale(outputs) * u
-
-    def hessian_sqrt(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        rows = outputs.reshape(-1, outputs.shape[-1])
-        eye = torch.eye(rows.shape[-1], dtype=rows.dtype, device=rows.device)
-        return eye.expand(rows.shape[0], -1, -1) * (2.0 * self._scale(outputs)) ** 0.5
 
 
 class AutogradLoss(Loss):

@@ -1,10 +1,12 @@
 """Curvature operators of the mean loss over a dataset: Hessian and generalised Gauss-Newton.
 
-For batches ``(x_b, y_b)`` of sizes ``n_b`` and a mean-reduced loss ``L_b(w) = loss_fn(f(x_b; w), y_b)``
-the operators represent the curvature of the dataset's mean loss ``L(w) = sum_b (n_b / N) L_b(w)``:
+For batches ``(x_b, y_b)`` and a batch loss ``L_b(w) = loss_fn(f(x_b; w), y_b)`` the operators represent
+the curvature of the dataset's loss ``L(w) = sum_b c_b L_b(w)``: for a mean, ``c_b = D_b / sum D`` with
+``D_b`` what the batch's mean divides by (samples ``n_b``, or counted tokens; :mod:`curvature.losses`), so
+``L`` is the loss of the whole dataset as one batch; for a sum, ``c_b = 1``:
 
-* :class:`HessianOperator`: ``H = sum_b (n_b / N) d^2 L_b / dw^2`` (P x P, symmetric, indefinite);
-* :class:`GGNOperator`: ``G = sum_b (n_b / N) J_b^T H_{L,b} J_b`` with ``J_b`` the Jacobian of the
+* :class:`HessianOperator`: ``H = sum_b c_b d^2 L_b / dw^2`` (P x P, symmetric, indefinite);
+* :class:`GGNOperator`: ``G = sum_b c_b J_b^T H_{L,b} J_b`` with ``J_b`` the Jacobian of the
   network outputs and ``H_{L,b}`` the Hessian of the loss in the outputs, taken in closed form for
   cross-entropy and MSE (P x P, positive semi-definite for convex losses).
 
@@ -331,7 +333,7 @@ class HessianOperator(CurvatureOperator):
 
 
 class GGNOperator(CurvatureOperator):
-    """The generalised Gauss-Newton matrix ``sum_b (n_b/N) J_b^T H_L J_b``, P x P, PSD for convex losses.
+    """The generalised Gauss-Newton matrix ``sum_b c_b J_b^T H_L J_b``, P x P, PSD for convex losses.
 
     Per batch, one vector: a single forward pass with dual numbers gives the outputs, ``J v`` and the
     graph for ``J^T u`` (measured 1.55x a gradient on a 1M-parameter VGG on CPU, against 2.0x for a
