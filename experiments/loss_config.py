@@ -57,8 +57,13 @@ def build_loss(o: dict) -> Callable:
     keywords = {k: v for k, v in o["loss"].items() if k != "_target_"}
     try:
         cls = _import_target(o["loss"]["_target_"])
+    except (SuiteError, ImportError) as error:
+        raise V.ConfigError("operator.loss._target_", o["loss"]["_target_"], "cannot be imported; give the full "
+                            "import path of a loss class or function",
+                            "'operator.loss={_target_: torch.nn.CrossEntropyLoss}'") from error
+    try:
         loss = cls(**keywords)
-    except (SuiteError, ImportError, TypeError, ValueError) as error:
+    except (TypeError, ValueError) as error:
         raise V.ConfigError("operator.loss._target_", o["loss"]["_target_"],
                             f"cannot build the loss ({str(error).splitlines()[0]})",
                             "'operator.loss={_target_: torch.nn.CrossEntropyLoss}'") from error

@@ -37,6 +37,13 @@ CLI_ROWS = [
 ]
 
 INPROCESS_ROWS = [
+    # the loss of the curvature operators (experiments/loss_config.py)
+    ("spectrum_network", [*DIGITS, "operator.loss=hinge"], "operator.loss"),
+    ("spectrum_network", [*DIGITS, "operator.reduction=none"], "operator.reduction"),
+    ("spectrum_network", [*DIGITS, "operator.label_smoothing=1.5"], "operator.label_smoothing"),
+    ("spectrum_network", [*DIGITS, "operator.loss=mse", "operator.label_smoothing=0.1"], "operator.label_smoothing"),
+    ("spectrum_network", [*DIGITS, "operator.loss={{_target_:no_such_package.Loss}}"], "operator.loss._target_"),
+    ("diagonal", ["analysis=diagonal", *DIGITS, "operator.label_smoothing=0.1"], "operator.loss"),
     ("spectrum_matrix", ["analysis.num_vectors=1.5"], "analysis.num_vectors"),
     ("spectrum_matrix", ["analysis.lanczos_engine=gpytorch"], "analysis.checkpoint_every"),
     ("spectrum_matrix", ["resume=true"], "resume"),

@@ -310,3 +310,23 @@ def test_evaluation_with_a_users_mean_loss_callable_is_the_per_sample_mean():
     users_loss = lambda out, t: F.cross_entropy(out, t)  # noqa: E731  (a callable the suite does not know)
     got = evaluate(model, Data(x, y), batch_size=3, dtype=DT, loss_fn=users_loss)["loss"]
     assert math.isclose(got, float(F.cross_entropy(model(x), y).detach()), rel_tol=1e-12)
+
+
+def test_the_cli_loss_settings_reach_the_operators(tmp_path):
+    """`operator.label_smoothing` and a loss `_target_` with the same option give the same operator (equal
+    Ritz values), and one that differs from the plain loss's (the option is not dropped)."""
+    import numpy as np
+
+    from experiments.run import dispatch
+    from tests.conftest import make_cfg
+
+    base = ["dataset=digits", "model=mlp", "model.hidden=[8]", "dataset.num_subsamples=100",
+            "analysis.num_steps=8", "analysis.exact_max_dim=0", "dtype=float64"]
+    runs = {"plain": [], "named": ["operator.label_smoothing=0.1"],
+            "target": ["operator.loss={_target_:torch.nn.CrossEntropyLoss,label_smoothing:0.1}"]}
+    ritz = {}
+    for name, extra in runs.items():
+        dispatch(make_cfg(tmp_path / name, [*base, *extra]))
+        ritz[name] = np.load(tmp_path / name / "arrays.npz")["hessian_ritz_values"]
+    np.testing.assert_allclose(ritz["named"], ritz["target"], rtol=1e-12, atol=0)
+    assert not np.allclose(ritz["plain"], ritz["named"], rtol=1e-6)
