@@ -6,8 +6,11 @@ network is a directed acyclic graph of the same layers plus a few tensor functio
 that graph: the primal and the R-forward in the graph's (topological) order, the backward and the
 R-backward in reverse, with gradients accumulating where a node's output feeds several nodes.
 
-``call_module`` nodes use the layer rules (:mod:`curvature.layer_rules`); the functions below get
-small rules of their own:
+``call_module`` nodes use the layer rules (:mod:`curvature.layer_rules`); a rule's ``bind`` says which
+argument is the differentiated input and which are constants it reads (``nn.MultiheadAttention``'s
+self-attention: query, key and value one node, ``attn_mask`` a constant), and a layer whose input is a
+constant (an ``Embedding`` of positions) is differentiated in its parameters only. A layer that returns a
+tuple (attention) is read through its first entry. The functions below get small rules of their own:
 
 * a sum of two tensors (``+``, ``torch.add``, ``Tensor.add``): ``R{z} = R{a} + R{b}``; its backward
   sends ``g`` to both inputs (summed back over broadcast axes);
@@ -18,7 +21,9 @@ small rules of their own:
   or division by a number): ``R`` goes through the map, ``g`` through its transpose;
 * ``F.relu`` / ``torch.relu`` / ``Tensor.relu``, ``torch.tanh``, ``torch.sigmoid`` (and their methods),
   ``F.silu``: the layer rules of ``ReLU``, ``Tanh``, ``Sigmoid``, ``SiLU``;
-* ``x.size(...)``, ``x.shape``, ``x.dim()`` and indexing into them: constants of the primal pass.
+* ``x.size(...)``, ``x.shape``, ``x.dim()``, ``x.dtype``, ``x.device``, and any function of constants only
+  (indexing, ``torch.arange(T)``, a causal mask, a ``torch.fx.wrap``-ped helper): constants of the primal
+  pass, evaluated per batch.
 
 Anything else (a ``get_attr`` node reading a parameter directly, a product of two tensors, several
 outputs, an untraceable forward) gives ``(None, reason naming the node)``.
@@ -33,7 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from curvature.layer_rules import LayerRule, ReLURule, SigmoidRule, SiLURule, TanhRule, rule_class, to_channels_last
+from curvature.layer_rules import (IdentityRule, LayerRule, ReLURule, SigmoidRule, SiLURule, TanhRule, rule_class,
+                                   to_channels_last)
 from curvature.losses import Loss
 
 _ADD = {operator.add, operator.iadd, torch.add, "add"}
@@ -58,9 +64,10 @@ class _Step:
     ``constant``; ``inputs`` the indices of its tensor inputs; ``keys`` local -> full parameter names."""
 
     def __init__(self, kind: str, inputs: list, rule: Optional[LayerRule] = None, keys: Optional[dict] = None,
-                 call: Optional[Callable] = None, node: Optional[fx.Node] = None):
+                 call: Optional[Callable] = None, node: Optional[fx.Node] = None, bound: Optional[Callable] = None):
         self.kind, self.inputs, self.rule, self.keys = kind, inputs, rule, keys or {}
         self.call, self.node = call, node  # call(env) -> resolved (args, kwargs) for function rules
+        self.bound = bound  # bound(env) -> {name: constant} a layer rule reads from p (an attention mask)
 
 
 class _FunctionRule(LayerRule):
@@ -142,19 +149,24 @@ def _step(model: nn.Module, node: fx.Node, index: dict, steps: list, bn_mode: st
         return _Step("input", []), ""
     if node.op == "get_attr":
         return None, f"{_describe(node)}: reads a parameter or buffer outside a layer"
+    tuples = [a for a in node.all_input_nodes if steps[index[a]].kind == "rule"
+              and steps[index[a]].rule.returns_tuple]
+    if tuples:  # a layer that returns (output, extras): only its output, entry 0, is differentiated
+        source = tuples[0].name
+        if not (node.target is operator.getitem and node.args[0] is tuples[0] and isinstance(node.args[1], int)):
+            return None, f"{_describe(node)}: uses the tuple {source} returns other than by an index"
+        if node.args[1] == 0:
+            return _Step("rule", [index[tuples[0]]], IdentityRule(None)), ""
+        if node.users:
+            return None, f"{_describe(node)}: reads entry {node.args[1]} of {source} (only entry 0 is differentiated)"
+        return _Step("constant", [], call=lambda env: None, node=node), ""  # an unused (..., _) unpacking
     if node.op == "call_module":
-        layer = model.get_submodule(node.target)
-        rule = rule_class(layer, bn_mode)
-        reason = f"layer type {type(layer).__name__}" if rule is None else rule.why_unsupported(layer, bn_mode)
-        if reason or len(node.args) != 1 or node.kwargs or len(tensors) != 1:
-            return None, f"{_describe(node)}: {reason or 'not one tensor input'}"
-        keys = {p: f"{node.target}.{p}" for p, _ in layer.named_parameters(recurse=False)}
-        return _Step("rule", [index[tensors[0]]], rule(layer), keys), ""
+        return _module_step(model, node, index, tensors, is_constant, bn_mode)
     target = node.target
     if node.op not in ("call_function", "call_method"):
         return None, f"{_describe(node)}: unsupported"
     if (node.op == "call_method" and target in ("size", "dim")) or (target is getattr and node.args[1:] in (
-            ("shape",), ("ndim",))) or (target is operator.getitem and is_constant(node.args[0])):
+            ("shape",), ("ndim",), ("dtype",), ("device",))) or all(is_constant(a) for a in node.all_input_nodes):
         return _Step("constant", [], call=_constant(node, index), node=node), ""
     operands = [a for a in node.args if isinstance(a, fx.Node) and not is_constant(a)]
     if target in _ADD and len(operands) == 2 and len(node.args) == 2 and not node.kwargs:
@@ -180,13 +192,40 @@ def _step(model: nn.Module, node: fx.Node, index: dict, steps: list, bn_mode: st
     return _Step("rule", [index[tensors[0]]], rule, call=_resolver(node, index), node=node), ""
 
 
+def _module_step(model: nn.Module, node: fx.Node, index: dict, tensors: list, is_constant: Callable,
+                 bn_mode: str) -> tuple:
+    """A layer rule's step: one input (a tensor, or a constant when the layer moves only with its parameters),
+    other arguments constants the rule reads; ``(None, reason)`` otherwise."""
+    layer = model.get_submodule(node.target)
+    rule = rule_class(layer, bn_mode)
+    reason = f"layer type {type(layer).__name__}" if rule is None else rule.why_unsupported(layer, bn_mode)
+    if not reason:
+        x, constants, reason = rule.bind(layer, node.args, dict(node.kwargs))
+    if not reason:
+        moving: list = []
+        fx.node.map_arg(constants, lambda n: n if is_constant(n) else moving.append(n))
+        if not isinstance(x, fx.Node) or tensors not in ([x], []) or (not tensors and not is_constant(x)):
+            reason = "not one tensor input"
+        elif moving:
+            reason = f"argument {moving[0].name} is not a constant"
+    if reason:
+        return None, f"{_describe(node)}: {reason}"
+    keys = {p: f"{node.target}.{p}" for p, _ in layer.named_parameters()}  # out_proj.weight for a submodule's
+    bound = None
+    if constants:
+        def bound(env: list) -> dict:
+            return dict(fx.node.map_arg(constants, lambda n: env[index[n]]))
+    return _Step("rule", [index[x]], rule(layer), keys, node=node, bound=bound), ""
+
+
 def _constant(node: fx.Node, index: dict) -> Callable:
-    """``env -> value`` of a shape node (``x.size(0)``, ``x.shape[1]``)."""
+    """``env -> value`` of a node of constants (``x.size(0)``, ``x.shape[1]``, ``torch.arange(T)``)."""
     def value(env: list):
         args = fx.node.map_arg(node.args, lambda n: env[index[n]])
+        kwargs = fx.node.map_arg(dict(node.kwargs), lambda n: env[index[n]])
         if node.op == "call_method":
-            return getattr(args[0], node.target)(*args[1:])
-        return node.target(*args)
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        return node.target(*args, **kwargs)
 
     return value
 
@@ -269,6 +308,8 @@ class GraphPlan:
                     env[i], aux[i] = torch.cat(parts, s.call), [t.shape[s.call] for t in parts]
                 else:
                     p = self._p(i, params) if s.call is None else {"call": s.call(env)}
+                    if s.bound is not None:
+                        p.update(s.bound(env))
                     env[i], aux[i] = s.rule.forward(env[s.inputs[0]], p)
                     if self.live[i] and s.call is None:
                         aux[i] = (aux[i], p)

@@ -11,17 +11,21 @@ along the parameter direction ``v``):
 * :meth:`~LayerRule.backward_params`: the plain backward step, ``g_x`` and the parameter gradients;
 * :meth:`~LayerRule.r_backward`: ``R{g_x}`` and ``R{parameter gradients}`` from ``R{g_y}``;
 * :attr:`~LayerRule.second_order`: whether the R-backward also reads the primal ``g_y`` and ``R{x}``
-  (parametrised layers and curved activations; piecewise-linear layers pass ``R`` through their masks).
+  (parametrised layers and curved activations; piecewise-linear layers pass ``R`` through their masks);
+* :meth:`~LayerRule.bind` (graph plan): which argument of a call is ``x`` and which are constants the rule
+  reads (an attention mask, handed to it in ``p`` by name); :attr:`~LayerRule.returns_tuple`: the
+  layer returns a tuple whose first entry is ``y``.
 
-Parameters are dictionaries by the layer's local names (``weight``, ``bias``); ``want`` is the set of
-local names whose gradients are asked for. Adding a layer kind means adding one rule and one line in
-:data:`LAYER_RULES`.
+Parameters are dictionaries by the layer's local names (``weight``, ``bias``, ``out_proj.weight`` for a
+submodule's); ``want`` is the set of local names whose gradients are asked for. Adding a layer kind means
+adding one rule and one line in :data:`LAYER_RULES`.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +36,7 @@ class LayerRule:
     """The interface; its defaults are those of the identity map (no parameters, ``R`` and ``g`` pass)."""
 
     second_order = False
+    returns_tuple = False
 
     def __init__(self, layer: nn.Module):
         self.layer = layer
@@ -39,6 +44,14 @@ class LayerRule:
     @classmethod
     def why_unsupported(cls, layer: nn.Module, bn_mode: str) -> Optional[str]:
         return None
+
+    @classmethod
+    def bind(cls, layer: nn.Module, args: tuple, kwargs: dict) -> tuple:
+        """``(x, constants, reason)`` for a call ``layer(*args, **kwargs)``: the argument that is the input,
+        ``{name: argument}`` of the others the rule reads from ``p``, and why the call is unsupported (or None)."""
+        if len(args) != 1 or kwargs:
+            return None, {}, "not one tensor input"
+        return args[0], {}, None
 
     @classmethod
     def variant(cls, layer: nn.Module, bn_mode: str) -> type["LayerRule"]:
@@ -133,7 +146,7 @@ class MaxPoolRule(LayerRule):
 class SmoothActivationRule(LayerRule):
     """An elementwise ``y = s(x)`` with ``s''`` not zero: ``R{y} = s'(x) R{x}``, ``g_x = s'(x) g_y`` and
     ``R{g_x} = s'(x) R{g_y} + s''(x) R{x} g_y``. Subclasses give ``s`` and its two derivatives, from the
-    input ``x`` or from ``aux`` (the output, for tanh and the sigmoid)."""
+    input ``x`` or from ``aux`` (the output, for tanh and the sigmoid; both derivatives, for GELU)."""
 
     second_order = True
 
@@ -163,7 +176,7 @@ class SmoothActivationRule(LayerRule):
             return None, {}
         first = self.first(x, aux)
         result = rg * first
-        return (result if rx is None else result + self.second(x, aux, first) * rx * g), {}
+        return (result if rx is None else result.addcmul_(self.second(x, aux, first) * rx, g)), {}
 
 
 class TanhRule(SmoothActivationRule):
@@ -204,26 +217,28 @@ class GELURule(SmoothActivationRule):
     ``s'' = (1 - t^2) (u' + x (u'' - 2 t u'^2) / 2)``."""
 
     def activation(self, x):
-        return F.gelu(x, approximate=self.layer.approximate), None
+        """``(y, (s', s''))``: the derivatives (an ``erf`` and ``exp`` or a ``tanh`` each) once per batch."""
+        return F.gelu(x, approximate=self.layer.approximate), self._derivatives(x)
+
+    def first(self, x, aux):
+        return aux[0]
+
+    def second(self, x, aux, first):
+        return aux[1]
 
     def _tanh_terms(self, x):
         t = torch.tanh(_SQRT_2_OVER_PI * (x + _GELU_TANH_CUBIC * x ** 3))
         du = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_TANH_CUBIC * x * x)
         return t, du
 
-    def first(self, x, aux):
-        if self.layer.approximate == "tanh":
-            t, du = self._tanh_terms(x)
-            return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
-        density = torch.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
-        return 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0))) + x * density
-
-    def second(self, x, aux, first):
+    def _derivatives(self, x) -> tuple:
         if self.layer.approximate == "tanh":
             t, du = self._tanh_terms(x)
             d2u = 6.0 * _SQRT_2_OVER_PI * _GELU_TANH_CUBIC * x
-            return (1.0 - t * t) * (du + 0.5 * x * (d2u - 2.0 * t * du * du))
-        return torch.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi) * (2.0 - x * x)
+            return (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du,
+                    (1.0 - t * t) * (du + 0.5 * x * (d2u - 2.0 * t * du * du)))
+        density = torch.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+        return 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0))) + x * density, density * (2.0 - x * x)
 
 
 class SiLURule(SmoothActivationRule):
@@ -288,6 +303,8 @@ class LinearMapRule(LayerRule):
         return y, y.shape
 
     def r_forward(self, rx, x, aux, p, v):
+        if not self.conv:
+            return self._linear_r_forward(rx, x, aux, p, v)
         out = None
         if rx is not None and "weight" in v:
             out = self._map(rx, p["weight"]) + self._map(x, v["weight"])
@@ -307,7 +324,37 @@ class LinearMapRule(LayerRule):
         gi, gw, gb = self._backward(g, x, p["weight"], need_input, "weight" in want, "bias" in want)
         return gi, self._named(gw, gb)
 
+    def _linear_r_forward(self, rx, x, aux, p, v):
+        """A linear map's ``R{y}`` in one buffer: ``V_b + x V_W^T`` (addmm), then ``R{x} W^T`` added in place."""
+        out = None
+        for inputs, weight in ((x, v.get("weight")), (rx, p["weight"])):
+            if inputs is None or weight is None:
+                continue
+            if out is not None:
+                out.addmm_(_rows(inputs), weight.T)
+            else:
+                out = torch.addmm(v["bias"], _rows(inputs), weight.T) if "bias" in v else _rows(inputs) @ weight.T
+        return v["bias"].expand(aux).contiguous() if out is None else out.view(aux)
+
+    def _linear_r_backward(self, rg, g, rx, x, p, v, want, need_input) -> tuple:
+        """A linear map's R-backward, each pair of terms accumulated in one buffer (addmm)."""
+        grads = {}
+        if "weight" in want:
+            grads["weight"] = _rows(rg).T @ _rows(x)
+            if rx is not None:
+                grads["weight"].addmm_(_rows(g).T, _rows(rx))
+        if "bias" in want:
+            grads["bias"] = _rows(rg).sum(0)
+        if not need_input:
+            return None, grads
+        gi = _rows(rg) @ p["weight"]
+        if "weight" in v:
+            gi.addmm_(_rows(g), v["weight"])
+        return gi.view(x.shape), grads
+
     def r_backward(self, rg, g, rx, x, aux, p, v, want, need_input):
+        if not self.conv:
+            return self._linear_r_backward(rg, g, rx, x, p, v, want, need_input)
         want_w, want_b = "weight" in want, "bias" in want
         gi, gw, gb = self._backward(rg, x, p["weight"], need_input, want_w, want_b)
         if "weight" in v or (want_w and rx is not None):
@@ -484,7 +531,9 @@ class BatchNormTrainRule(_ChannelAffineRule):
 class LayerNormRule(LayerRule):
     """LayerNorm: :class:`BatchNormTrainRule`'s formulas with ``E`` the mean over the normalised (last)
     dimensions of each sample and position, and an elementwise (not per-channel) ``gamma``, ``beta``;
-    the parameter gradients sum over the leading dimensions. ``aux = (xhat, s)``, ``s`` kept per row."""
+    the parameter gradients sum over the leading dimensions. ``aux = (xhat, s, kept)``, ``s`` per row;
+    ``kept`` holds the primal backward's ``a = gamma g_y``, ``g_x``, ``E[a xhat]`` once per batch, and a
+    product's ``R{xhat}``, ``k = E[xhat R{x}]`` from its R-forward to its R-backward (:func:`_kept`)."""
 
     second_order = True
 
@@ -499,59 +548,79 @@ class LayerNormRule(LayerRule):
         scale = torch.rsqrt(var + self.layer.eps)
         xhat = (x - mean) * scale
         y = xhat * p["weight"] if "weight" in p else xhat
-        return (y + p["bias"] if "bias" in p else y), (xhat, scale)
+        return (y + p["bias"] if "bias" in p else y), (xhat, scale, {})
 
-    def _r_xhat(self, rx, xhat, scale):
-        dims = self._dims(rx)
-        return scale * (rx - rx.mean(dims, keepdim=True) - xhat * (xhat * rx).mean(dims, keepdim=True))
+    def _r_xhat(self, rx, aux) -> tuple:
+        """``(R{xhat}, k)`` with ``R{xhat} = s (R{x} - E R{x} - xhat k)``."""
+        xhat, scale, kept = aux
+
+        def terms():
+            dims = self._dims(rx)
+            k = (xhat * rx).mean(dims, keepdim=True)
+            return torch.addcmul(rx - rx.mean(dims, keepdim=True), xhat, k, value=-1.0) * scale, k
+        return _kept(kept, "r", (rx,), terms)
 
     def _normalise_backward(self, a, xhat, scale):
+        """``s (a - E a - xhat E[a xhat])``."""
         dims = self._dims(a)
-        return scale * (a - a.mean(dims, keepdim=True) - xhat * (a * xhat).mean(dims, keepdim=True))
+        return torch.addcmul(a - a.mean(dims, keepdim=True), xhat, (a * xhat).mean(dims, keepdim=True),
+                             value=-1.0) * scale
+
+    def _primal_backward(self, g, aux, p) -> tuple:
+        """``(a, g_x, E[a xhat])`` of the output gradient ``g`` (kept: the same tensor in every product of a batch)."""
+        xhat, scale, kept = aux
+
+        def terms():
+            a = g * p["weight"] if "weight" in p else g
+            return a, self._normalise_backward(a, xhat, scale), (a * xhat).mean(self._dims(a), keepdim=True)
+        return _kept(kept, "g", (g,), terms)
 
     def r_forward(self, rx, x, aux, p, v):
-        xhat, scale = aux
+        xhat = aux[0]
         out = None
         if rx is not None:
-            out = self._r_xhat(rx, xhat, scale)
+            out = self._r_xhat(rx, aux)[0]
             out = out * p["weight"] if "weight" in p else out
         if "weight" in v:
-            out = xhat * v["weight"] if out is None else out + xhat * v["weight"]
+            out = xhat * v["weight"] if out is None else torch.addcmul(out, xhat, v["weight"])
         if "bias" in v:
             out = (v["bias"].expand_as(xhat).contiguous()) if out is None else out + v["bias"]
         return out
 
     def backward_input(self, g, x, aux, p):
-        return self._normalise_backward(g * p["weight"] if "weight" in p else g, *aux)
+        return self._primal_backward(g, aux, p)[1]
 
     def backward_params(self, g, x, aux, p, want, need_input):
+        aux[2].pop("r", None)  # a GGN product's R-forward terms: not read again
         grads = {}
         if "weight" in want:
             grads["weight"] = (g * aux[0]).sum(self._lead(g))
         if "bias" in want:
             grads["bias"] = g.sum(self._lead(g))
-        return (self.backward_input(g, x, aux, p) if need_input else None), grads
+        if not need_input:
+            return None, grads
+        return self._normalise_backward(g * p["weight"] if "weight" in p else g, aux[0], aux[1]), grads
 
     def r_backward(self, rg, g, rx, x, aux, p, v, want, need_input):
-        xhat, scale = aux
-        rxhat = None if rx is None else self._r_xhat(rx, xhat, scale)
+        xhat, scale, kept = aux
+        rxhat, k = (None, None) if rx is None else self._r_xhat(rx, aux)
+        kept.pop("r", None)  # this product's R-forward terms: read for the last time here
         grads = {}
         if "weight" in want:
-            grads["weight"] = (rg * xhat if rxhat is None else rg * xhat + g * rxhat).sum(self._lead(g))
+            grads["weight"] = (rg * xhat if rxhat is None else torch.addcmul(rg * xhat, g, rxhat)).sum(self._lead(g))
         if "bias" in want:
             grads["bias"] = rg.sum(self._lead(g))
         if not need_input:
             return None, grads
-        a = g * p["weight"] if "weight" in p else g
         ra = rg * p["weight"] if "weight" in p else rg
         if "weight" in v:
-            ra = ra + g * v["weight"]
+            ra = ra.addcmul_(g, v["weight"]) if "weight" in p else torch.addcmul(ra, g, v["weight"])
         result = self._normalise_backward(ra, xhat, scale)
-        if rxhat is not None:
-            dims = self._dims(g)
-            rs_over_s = -scale * (xhat * rx).mean(dims, keepdim=True)
-            result = result + rs_over_s * self._normalise_backward(a, xhat, scale) - scale * (
-                rxhat * (a * xhat).mean(dims, keepdim=True) + xhat * (a * rxhat).mean(dims, keepdim=True))
+        if rxhat is not None:  # + (R{s} / s) g_x - s (R{xhat} E[a xhat] + xhat E[a R{xhat}]), R{s} / s = -s k
+            a, g_x, e_a_xhat = self._primal_backward(g, aux, p)
+            inner = torch.addcmul(rxhat * e_a_xhat, g_x, k)
+            inner.addcmul_(xhat, (a * rxhat).mean(self._dims(g), keepdim=True))
+            result.addcmul_(inner, scale, value=-1.0)
         return result, grads
 
 
@@ -583,12 +652,197 @@ class EmbeddingRule(LayerRule):
         return None, {"weight": torch.zeros_like(p["weight"]).index_add_(0, x.reshape(-1), g.reshape(-1, dim))}
 
 
+_IN_PROJ = {"in_proj_weight", "in_proj_bias"}
+
+
+class MultiheadAttentionRule(LayerRule):
+    """Self-attention ``nn.MultiheadAttention(x, x, x, attn_mask=M)`` (``batch_first``) in the math form:
+    ``[Q K V] = x W_in^T + b_in`` split into ``h`` heads of width ``d``, ``S = Q K^T / sqrt(d) + M``,
+    ``P = softmax(S)`` by rows, ``O = P V`` (heads merged), ``y = O W_o^T + b_o``. With ``R{.}`` along the
+    direction, ``g`` output gradients, ``^T`` over the last two axes and ``rowsum`` over the last:
+
+    * R-forward: ``R{[Q K V]} = R{x} W_in^T + x V_in^T + V_b_in``, ``R{S} = (R{Q} K^T + Q R{K}^T) / sqrt(d)``,
+      ``R{P} = P (R{S} - rowsum(P R{S}))``, ``R{O} = R{P} V + P R{V}``, ``R{y} = R{O} W_o^T + O V_o^T + V_b_o``;
+    * backward: ``g_O = g_y W_o``, ``g_P = g_O V^T``, ``g_V = P^T g_O``, ``g_S = P (g_P - rowsum(P g_P))``,
+      ``g_Q = g_S K / sqrt(d)``, ``g_K = g_S^T Q / sqrt(d)``, ``g_x = g_[QKV] W_in``, ``g_W_in = g_[QKV]^T x``,
+      ``g_W_o = g_y^T O``, the biases' gradients the sums;
+    * R-backward: each backward formula differentiated along the direction, the softmax's second-order
+      term included: ``R{g_S} = P (R{g_P} - rowsum(P R{g_P})) + R{P} (g_P - rowsum(P g_P)) - P rowsum(R{P} g_P)``.
+
+    ``M`` is a constant of the graph: boolean (True: not seen, a score of ``-inf`` and a weight of exactly
+    zero) or float (added). ``aux``: ``Q``, ``K``, ``V`` by heads, ``P``, ``O``, and the primal backward's
+    ``g_O``, ``g_P``, ``g_S``, ``g_[QKV]``, computed once per batch (the output gradient is the same
+    tensor in every Hessian product of a batch), and for the R-backward the R-forward's ``R{[QKV]}``,
+    ``R{P}``, ``R{O}`` of the same product (kept until then). Dropout is off in the operators' curvature mode.
+    """
+
+    second_order = True
+    returns_tuple = True  # (output, attention weights or None)
+
+    def __init__(self, layer):
+        super().__init__(layer)
+        self.scale = 1.0 / math.sqrt(layer.head_dim)
+
+    @classmethod
+    def why_unsupported(cls, layer, bn_mode):
+        if not layer._qkv_same_embed_dim:
+            return "MultiheadAttention with kdim/vdim other than embed_dim"
+        if layer.bias_k is not None or layer.add_zero_attn:
+            return "MultiheadAttention with add_bias_kv or add_zero_attn"
+        return None if layer.batch_first else "MultiheadAttention with batch_first=False"
+
+    @classmethod
+    def bind(cls, layer, args, kwargs):
+        try:
+            call = inspect.signature(layer.forward).bind(*args, **kwargs).arguments
+        except TypeError as error:
+            return None, {}, f"arguments ({error})"
+        if not (call["query"] is call["key"] is call["value"]):
+            return None, {}, "not self-attention (query, key and value are different nodes)"
+        if call.get("key_padding_mask") is not None:
+            return None, {}, "a key_padding_mask"
+        if call.get("is_causal"):
+            return None, {}, "is_causal=True (pass the causal mask as attn_mask)"
+        return call["query"], {"attn_mask": call.get("attn_mask")}, None
+
+    # --- shapes: (..., T, E) <-> (..., h, T, d) -----------------------------------------------------
+    def _heads(self, t):
+        """Contiguous once, so the batched products that read it (most, twice) do not each copy it."""
+        return t.unflatten(-1, (self.layer.num_heads, -1)).transpose(-3, -2).contiguous()
+
+    @staticmethod
+    def _merge(t):
+        return t.transpose(-3, -2).flatten(-2)
+
+    def forward(self, x, p):
+        q, k, v = (self._heads(t) for t in F.linear(x, p["in_proj_weight"], p.get("in_proj_bias")).chunk(3, -1))
+        scores = q @ k.transpose(-2, -1) * self.scale
+        mask = p.get("attn_mask")
+        if mask is not None:
+            mask = mask.view(scores.shape) if mask.dim() == 3 and scores.dim() == 4 else mask  # (N h, T, T)
+            scores = scores.masked_fill(mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        prob = torch.softmax(scores, -1)
+        o = self._merge(prob @ v)
+        return F.linear(o, p["out_proj.weight"], p.get("out_proj.bias")), {"q": q, "k": k, "v": v, "prob": prob,
+                                                                           "o": o}
+
+    def _r_qkv(self, rx, x, p, v) -> Optional[list]:
+        """``R{Q}, R{K}, R{V}`` by heads, or None (zero)."""
+        terms = [] if rx is None else [F.linear(rx, p["in_proj_weight"])]
+        if "in_proj_weight" in v:
+            terms.append(F.linear(x, v["in_proj_weight"], v.get("in_proj_bias")))
+        elif "in_proj_bias" in v:
+            terms.append(v["in_proj_bias"].expand(*x.shape[:-1], -1))
+        if not terms:
+            return None
+        r = terms[0] if len(terms) == 1 else terms[0] + terms[1]
+        return [self._heads(t) for t in r.chunk(3, -1)]
+
+    def _r_attention(self, rqkv, aux) -> tuple:
+        """``R{P}`` and ``R{O}`` (heads merged)."""
+        rq, rk, rv = rqkv
+        q, k, v, prob = aux["q"], aux["k"], aux["v"], aux["prob"]
+        prs = prob * ((rq @ k.transpose(-2, -1) + q @ rk.transpose(-2, -1)) * self.scale)
+        rp = prs - prob * prs.sum(-1, keepdim=True)
+        return rp, self._merge(rp @ v + prob @ rv)
+
+    def _r_terms(self, rx, x, aux, p, v) -> tuple:
+        """``(R{[QKV]}, R{P}, R{O})`` (Nones: zero), kept from this product's R-forward for its R-backward."""
+        def terms():
+            rqkv = self._r_qkv(rx, x, p, v)
+            return (None, None, None) if rqkv is None else (rqkv, *self._r_attention(rqkv, aux))
+        return _kept(aux, "r", (rx, v.get("in_proj_weight"), v.get("in_proj_bias")), terms)
+
+    def r_forward(self, rx, x, aux, p, v):
+        ro = self._r_terms(rx, x, aux, p, v)[2]
+        out = None if ro is None else F.linear(ro, p["out_proj.weight"])
+        if "out_proj.weight" in v:
+            term = F.linear(aux["o"], v["out_proj.weight"], v.get("out_proj.bias"))
+            out = term if out is None else out + term
+        elif "out_proj.bias" in v:
+            out = v["out_proj.bias"].expand_as(aux["o"]).contiguous() if out is None else out + v["out_proj.bias"]
+        return out
+
+    def _backward_core(self, g, aux, p) -> tuple:
+        """``g_O`` (by heads), ``g_P``, ``g_P - rowsum(P g_P)``, ``g_S`` and ``g_[QKV]`` (merged) of ``g_y = g``."""
+        q, k, v, prob = aux["q"], aux["k"], aux["v"], aux["prob"]
+        go = self._heads(g @ p["out_proj.weight"])
+        gp = go @ v.transpose(-2, -1)
+        centred = gp - (prob * gp).sum(-1, keepdim=True)
+        gs = prob * centred
+        gqkv = torch.cat([self._merge(gs @ k * self.scale), self._merge(gs.transpose(-2, -1) @ q * self.scale),
+                          self._merge(prob.transpose(-2, -1) @ go)], -1)
+        return go, gp, centred, gs, gqkv
+
+    def _primal_backward(self, g, aux, p) -> tuple:
+        return _kept(aux, "g", (g,), lambda: self._backward_core(g, aux, p))
+
+    def _grads(self, g, gqkv, x, o, want) -> dict:
+        """The parameter gradients in ``want`` from ``g_y = g``, ``g_[QKV]``, the input and ``O``."""
+        grads = {}
+        if "in_proj_weight" in want:
+            grads["in_proj_weight"] = _rows(gqkv).T @ _rows(x)
+        if "in_proj_bias" in want:
+            grads["in_proj_bias"] = _rows(gqkv).sum(0)
+        if "out_proj.weight" in want:
+            grads["out_proj.weight"] = _rows(g).T @ _rows(o)
+        if "out_proj.bias" in want:
+            grads["out_proj.bias"] = _rows(g).sum(0)
+        return grads
+
+    def backward_input(self, g, x, aux, p):
+        return self._primal_backward(g, aux, p)[-1] @ p["in_proj_weight"]
+
+    def backward_params(self, g, x, aux, p, want, need_input):
+        aux.pop("r", None)  # a GGN product's R-forward terms: not read again
+        if not (need_input or want & _IN_PROJ):
+            return None, self._grads(g, None, x, aux["o"], want)
+        gqkv = self._backward_core(g, aux, p)[-1]
+        return (gqkv @ p["in_proj_weight"] if need_input else None), self._grads(g, gqkv, x, aux["o"], want)
+
+    def r_backward(self, rg, g, rx, x, aux, p, v, want, need_input):
+        q, k, vv, prob = aux["q"], aux["k"], aux["v"], aux["prob"]
+        go, gp, centred, gs, gqkv = self._primal_backward(g, aux, p)
+        rqkv, rp, ro = self._r_terms(rx, x, aux, p, v)
+        aux.pop("r", None)
+        grads = self._grads(rg, None, x, aux["o"], want - _IN_PROJ)
+        if "out_proj.weight" in want and ro is not None:
+            grads["out_proj.weight"] = grads["out_proj.weight"] + _rows(g).T @ _rows(ro)
+        if not (need_input or want & _IN_PROJ):
+            return None, grads
+        rgo = rg @ p["out_proj.weight"]
+        if "out_proj.weight" in v:
+            rgo = rgo + g @ v["out_proj.weight"]
+        rgo = self._heads(rgo)
+        rgp, rgv = rgo @ vv.transpose(-2, -1), prob.transpose(-2, -1) @ rgo
+        if rqkv is not None:
+            rgp, rgv = rgp + go @ rqkv[2].transpose(-2, -1), rgv + rp.transpose(-2, -1) @ go
+        rows = (prob * rgp).sum(-1, keepdim=True)
+        if rp is not None:
+            rows = rows + (rp * gp).sum(-1, keepdim=True)
+        rgs = prob * (rgp - rows)
+        if rp is not None:
+            rgs.addcmul_(rp, centred)
+        rgq, rgk = rgs @ k, rgs.transpose(-2, -1) @ q
+        if rqkv is not None:
+            rgq, rgk = rgq + gs @ rqkv[1], rgk + gs.transpose(-2, -1) @ rqkv[0]
+        rgqkv = torch.cat([self._merge(rgq * self.scale), self._merge(rgk * self.scale), self._merge(rgv)], -1)
+        grads.update(self._grads(None, rgqkv, x, None, want & _IN_PROJ))
+        if "in_proj_weight" in want and rx is not None:
+            grads["in_proj_weight"] = grads["in_proj_weight"] + _rows(gqkv).T @ _rows(rx)
+        if not need_input:
+            return None, grads
+        gi = rgqkv @ p["in_proj_weight"]
+        return (gi + gqkv @ v["in_proj_weight"] if "in_proj_weight" in v else gi), grads
+
+
 #: layer types and their rules; the first entry whose types match a layer is its rule
 LAYER_RULES: list[tuple[tuple[type, ...], type[LayerRule]]] = [
     ((nn.Conv2d, nn.Linear), LinearMapRule),
     ((nn.BatchNorm1d, nn.BatchNorm2d), BatchNormEvalRule),
     ((nn.LayerNorm,), LayerNormRule),
     ((nn.Embedding,), EmbeddingRule),
+    ((nn.MultiheadAttention,), MultiheadAttentionRule),
     ((nn.ReLU,), ReLURule),
     ((nn.LeakyReLU,), LeakyReLURule),
     ((nn.Tanh,), TanhRule),
@@ -615,6 +869,19 @@ def to_channels_last(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
 
 
+def _kept(kept: dict, slot: str, key: tuple, terms: Callable):
+    """``terms()``, kept in ``kept[slot]`` while the tensors of ``key`` are the same objects: a rule's primal
+    backward terms keyed by the output gradient (one tensor per batch, reused by every Hessian product), or a
+    product's R-forward terms keyed by ``R{x}`` and the direction (reused by its R-backward; the R-backward, or
+    a GGN product's plain backward, drops them)."""
+    memo = kept.get(slot)
+    if memo is not None and len(memo[0]) == len(key) and all(a is b for a, b in zip(memo[0], key)):
+        return memo[1]
+    value = terms()
+    kept[slot] = (key, value)
+    return value
+
+
 def _bshape(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A per-channel vector shaped to broadcast over ``like`` (channels in dim 1)."""
     return t.view(1, -1, *([1] * (like.dim() - 2)))
@@ -639,6 +906,11 @@ def _other_dims(t: torch.Tensor) -> list:
 
 def _sum_channels(t: torch.Tensor) -> torch.Tensor:
     return t.sum(dim=[d for d in range(t.dim()) if d != 1])
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``(..., F)`` as ``(rows, F)``: a linear map's weight gradient contracts every leading axis."""
+    return t.reshape(-1, t.shape[-1])
 
 
 def _pair(value) -> list:

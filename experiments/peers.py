@@ -6,6 +6,11 @@ number of Lanczos steps, and returns the same fields: Ritz values and weights of
 number of curvature products it ran, and notes on what had to be patched. Timing and memory are
 measured around the call by ``experiments/benchmark.py``.
 
+A language model's batches (``(N, T)`` token targets, ``(N, T, V)`` logits) reach every peer through
+:class:`TokenRows`: the same model with its logits as ``(N T, V)`` rows and the targets as ``(N T,)``, so
+each peer's mean cross-entropy over rows is the suite's mean token cross-entropy (each peer weights a
+batch by its rows or samples, proportional to its tokens for the fixed-length windows of ``dataset=text``).
+
 * ``pyhessian`` (PyPI 0.1): ``hessian(...).density(iter=m, n_v=1)``, its own Lanczos with full
   reorthogonalisation, one double-backward Hessian product per step (m products). Patched here:
   it calls ``torch.eig``, removed from torch, after the last step (replaced by ``torch.linalg.eigh``),
@@ -30,6 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from curvature.lanczos import lanczos
 from curvature.operators import curvature_mode
@@ -70,12 +76,38 @@ def _split(model, flat: torch.Tensor) -> list[torch.Tensor]:
     return [c.reshape(p.shape) for c, p in zip(torch.split(flat, [p.numel() for p in params]), params)]
 
 
+class TokenRows(nn.Module):
+    """``model`` with ``(N, T, V)`` logits reshaped to ``(N T, V)`` rows (the peers' losses take ``(rows, classes)``).
+
+    With the targets flattened to ``(N T,)`` alongside, ``F.cross_entropy`` (mean over rows) is the mean
+    token cross-entropy the suite's :class:`curvature.losses.CrossEntropy` computes from ``(N, T, V)``
+    logits and ``(N, T)`` targets; the parameters are the model's, in the same order.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        logits = self.model(inputs)
+        return logits.reshape(-1, logits.shape[-1])
+
+
+def as_rows(model, batches) -> tuple:
+    """``(model, batches)`` as a peer takes them: language-model batches (integer ``(N, T)`` targets) through
+    :class:`TokenRows` with flattened targets, classification batches as they are."""
+    if all(y.dim() == 1 or y.is_floating_point() for _, y in batches):
+        return model, batches
+    return TokenRows(model).train(model.training), [(x, y.reshape(-1)) for x, y in batches]
+
+
 def run_peer(name: str, model, batches, start: torch.Tensor, num_steps: int) -> PeerResult:
     """Run ``num_steps`` Hessian Lanczos steps of the mean cross-entropy from unit vector ``start``."""
     why = missing(name)
     if why:
         raise ImportError(why)
-    with curvature_mode(model, "eval"):
+    with curvature_mode(model, "eval"):  # restores every module's mode, the wrapper's too
+        model, batches = as_rows(model, batches)
         return {"pyhessian": _pyhessian, "hessian_eigenthings": _eigenthings, "curvlinops": _curvlinops,
                 "backpack": _backpack}[name](model, batches, start, num_steps)
 
@@ -146,7 +178,7 @@ def _eigenthings(model, batches, start, num_steps) -> PeerResult:
 def _with_suite_lanczos(matvec, dim, start, num_steps, notes) -> PeerResult:
     counted = _Counted(matvec)
     res = lanczos(counted, dim, num_steps, start_vectors=start.unsqueeze(-1), dtype=start.dtype,
-                  device=start.device)
+                  device=start.device, engine="gpytorch")  # m + 1 products, as the benchmark reports
     return PeerResult(res.ritz_values[0], res.ritz_weights[0], counted.calls, notes)
 
 

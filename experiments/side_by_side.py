@@ -7,6 +7,9 @@ set size sampled every 2 ms; CUDA: peak allocated), curvature products (full-dat
 value and its relative difference from the reference row, and the largest moment difference
 ``max_k |m_k - m_k(ref)| / rho^k`` for ``k = 1..4`` (``rho`` the reference's largest |Ritz value|).
 Ratios are taken within the one run, so machine load shifts them less than the seconds.
+
+Text batches (``dataset=text``, a language model's ``(N, T, V)`` logits and ``(N, T)`` targets) run as
+they are through the suite's rows and through :class:`experiments.peers.TokenRows` for the peers.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 from omegaconf import DictConfig
 
 from curvature.lanczos import lanczos, random_start_vectors
+from curvature.losses import as_loss
 from curvature.operators import make_operator
 from experiments import peers as P
 from experiments import validate as V
@@ -186,10 +190,11 @@ def _gradient_peak(model, loss_fn, batches, device, bn_mode) -> int:
     from curvature.operators import curvature_mode
     x, y = batches[0]
     params = [p for p in model.parameters() if p.requires_grad]
+    loss = as_loss(loss_fn)  # a language model's (N, T, V) logits with (N, T) targets too
 
     def job():
         with curvature_mode(model, bn_mode), torch.enable_grad():
-            return torch.autograd.grad(loss_fn(model(x), y), params)
+            return torch.autograd.grad(loss(model(x), y), params)
     job()  # warm-up
     return _timed(job, device)[1]
 

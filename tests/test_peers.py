@@ -60,3 +60,56 @@ def test_side_by_side_config_errors(cfg_factory, monkeypatch):
         validate_side_by_side(cfg_factory(*base, "analysis.peers=[pyhessian]", "operator.loss=mse"))
     settings = validate_side_by_side(cfg_factory(*base))
     assert not settings["enabled"] and settings["peers"] == []
+
+
+def _token_job(sizes=(5, 5, 5)):
+    """A tiny GPT (float64) and equal-size batches of (N, T) token ids with next-token targets."""
+    from curvature.models import GPTTiny
+    torch.manual_seed(0)
+    model = GPTTiny(7, context=6, width=8, depth=1, heads=2).double()
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, 7, (n, 6), generator=gen), torch.randint(0, 7, (n, 6), generator=gen))
+               for n in sizes]
+    return model, batches
+
+
+# torch 2.13: torch.func.jvp over jacrev (curvlinops' Hessian product) gives wrong Hessian rows for LayerNorm
+# weights (0.35 relative on Linear-LayerNorm-Linear, measured; jvp over grad and double backward agree).
+_WRONG_ON_LAYERNORM = pytest.mark.xfail(strict=True, reason="torch.func jvp(jacrev) is wrong on LayerNorm weights")
+
+
+@pytest.mark.parametrize("name,module", [pytest.param(n, peers.MODULES[n], marks=_WRONG_ON_LAYERNORM)
+                                         if n == "curvlinops" else (n, peers.MODULES[n]) for n in peers.PEERS])
+def test_peer_matches_the_suite_on_a_language_model(name, module):
+    """(N, T, V) logits reach the peers as (N T, V) rows: the same mean token cross-entropy, the same Ritz values."""
+    from curvature.losses import CrossEntropy
+    require(module)
+    model, batches = _token_job()
+    start = random_start_vectors(sum(q.numel() for q in model.parameters()), 1, "rademacher", seed=3)[:, 0]
+    op = HessianOperator(model, CrossEntropy(), batches, bn_mode="eval")
+    assert op.engine == "layerwise"
+    ours = lanczos(op.matvec, op.num_params, STEPS, start_vectors=start.unsqueeze(-1))
+    theirs = peers.run_peer(name, model, batches, start, STEPS)
+    assert model.training and type(model).__name__ == "GPTTiny"  # the wrapper is the peer's only
+    assert float(theirs.ritz_values[-1]) == pytest.approx(float(ours.ritz_values[0][-1]), rel=1e-6)
+
+
+def test_side_by_side_on_text_runs_with_a_peer(tmp_path):
+    """analysis=benchmark on dataset=text with model=gpt_tiny, end to end at a tiny size, one peer."""
+    import random
+
+    from experiments.run import dispatch
+    from tests.conftest import make_cfg
+    require("hessian_eigenthings")
+    text = tmp_path / "text.txt"
+    text.write_text("".join(random.Random(0).choices("abcdef gh\n", k=600)), encoding="utf-8")
+    results = dispatch(make_cfg(tmp_path / "run", [
+        "analysis=benchmark", "dataset=text", f"dataset.path={text}", "dataset.context=8",
+        "dataset.num_subsamples=24", "operator.batch_size=8", "model=gpt_tiny", "model.width=8", "model.depth=1",
+        "model.heads=2", "dtype=float64", "analysis.repeats=1", "analysis.lanczos_steps=2", "analysis.side_steps=4",
+        "analysis.side_vectors=0", "analysis.peers=[hessian_eigenthings]"]))
+    rows = {r["row"]: r for r in results["tables"]["side_by_side"]}
+    assert "layerwise products" in rows["suite hessian (default: cached primal)"]["notes"]
+    assert rows["hessian_eigenthings"]["products"] == 4
+    assert rows["hessian_eigenthings"]["top_ritz_rel_diff"] < 1e-8
+    assert "speedup_vs_fastest_peer" in results["metrics"]

@@ -65,15 +65,8 @@ class GPTTiny(nn.Module):
                 nn.init.zeros_(p)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        if idx.dim() != 2 or idx.is_floating_point():
-            raise ValueError(f"GPTTiny takes (N, T) integer token ids, got {idx.dtype} of shape "
-                             f"{tuple(idx.shape)}")
-        length = idx.shape[1]
-        if length > self.context:
-            raise ValueError(f"a sequence of {length} tokens is longer than the context of {self.context}")
-        positions = torch.arange(length, device=idx.device)
+        positions, mask = causal_positions(idx.shape, idx.dtype, idx.device, self.context)
         x = self.dropout(self.token(idx) + self.position(positions))
-        mask = torch.ones(length, length, dtype=torch.bool, device=idx.device).triu(1)  # True: not seen
         # The fused attention kernels (flash on CPU and CUDA, memory-efficient) have neither a double
         # backward nor forward-mode AD, so every Hessian-vector product would fail through them; the
         # math kernel has both and, at these sizes, trains as fast (measured on CPU, torch 2.13).
@@ -81,3 +74,21 @@ class GPTTiny(nn.Module):
             for block in self.blocks:
                 x = block(x, mask)
         return self.head(self.ln_final(x))
+
+
+@torch.fx.wrap
+def causal_positions(shape: torch.Size, dtype: torch.dtype, device: torch.device, context: int) -> tuple:
+    """The positions ``0..T-1`` and the ``(T, T)`` boolean causal mask (True: not seen) for token ids of
+    ``shape`` ``(N, T)``; a ValueError for ids that are not ``(N, T)`` integers or longer than ``context``.
+
+    A function of the ids' shape, dtype and device only, wrapped for ``torch.fx``: a traced GPTTiny calls
+    it as one node of constant arguments, which the graph plan (:mod:`curvature.graph_plan`) evaluates as
+    a constant, so the checks' branches never see a traced value.
+    """
+    if len(shape) != 2 or dtype.is_floating_point:
+        raise ValueError(f"GPTTiny takes (N, T) integer token ids, got {dtype} of shape {tuple(shape)}")
+    length = shape[1]
+    if length > context:
+        raise ValueError(f"a sequence of {length} tokens is longer than the context of {context}")
+    positions = torch.arange(length, device=device)
+    return positions, torch.ones(length, length, dtype=torch.bool, device=device).triu(1)
