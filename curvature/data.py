@@ -8,6 +8,8 @@ CIFAR is read from the official python-pickle archives (https://www.cs.toronto.e
 under ``data_dir`` and every file's md5 is checked against the official value. Test fixtures are
 written in the same format by :func:`write_fake_cifar`, which adds a ``FAKE_CIFAR.json`` manifest;
 when it is present the md5s listed there are checked instead, so a corrupt fixture is still caught.
+Either way a batch is unpickled by a restricted unpickler that builds numpy arrays, lists, bytes and
+numbers only (:class:`_CifarUnpickler`): no file can make the reader run code.
 
 Command line (no Hydra)::
 
@@ -128,11 +130,53 @@ def verify_cifar(which: str, data_dir) -> Path:
     return folder
 
 
+class _Refused(pickle.UnpicklingError):
+    """A pickle asked for something a CIFAR batch never holds."""
+
+
+def _latin1(text, encoding):
+    """``_codecs.encode`` as Python 3's protocol-2 pickles use it for bytes, and for nothing else."""
+    if not isinstance(text, str) or encoding != "latin1":
+        raise _Refused("it asks for _codecs.encode other than for bytes")
+    return text.encode("latin1")
+
+
+_multiarray = (getattr(np, "_core", None) or np.core).multiarray
+#: Everything a CIFAR python-format batch asks for: numpy's array reconstruction (under numpy 1's and
+#: numpy 2's module names), the array and dtype types, numpy scalars, and bytes as Python 3 writes them.
+_CIFAR_GLOBALS = {("numpy.core.multiarray", "_reconstruct"): _multiarray._reconstruct,
+                  ("numpy._core.multiarray", "_reconstruct"): _multiarray._reconstruct,
+                  ("numpy.core.multiarray", "scalar"): _multiarray.scalar,
+                  ("numpy._core.multiarray", "scalar"): _multiarray.scalar,
+                  ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+                  ("_codecs", "encode"): _latin1}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler that builds dicts, lists, bytes, numbers and numpy arrays only: a file that asks
+    for any other global (a function to call, a class to build) is refused before anything runs, so
+    a planted batch cannot run code whatever the md5 guard or a FAKE_CIFAR.json manifest says."""
+
+    def find_class(self, module, name):
+        found = _CIFAR_GLOBALS.get((module, name))
+        if found is None:
+            raise _Refused(f"it asks for {module}.{name}")
+        return found
+
+
+def load_cifar_pickle(path: Path):
+    """One file of the CIFAR python-format archive, read with :class:`_CifarUnpickler`."""
+    with open(path, "rb") as f:
+        return _CifarUnpickler(f, encoding="bytes").load()
+
+
 def _read_batch(path: Path, spec: _CifarSpec, fix: str) -> tuple[np.ndarray, np.ndarray]:
     try:
-        with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
+        batch = load_cifar_pickle(path)
         data, labels = batch[b"data"], batch[spec.label_key]
+    except _Refused as err:
+        raise DataError(f"{path} is not a {spec.title} batch this suite can read safely ({err}; a batch holds "
+                        f"only arrays, lists and bytes); delete it and re-download with {fix}") from None
     except Exception as err:  # any unpickling failure means the same thing to the user
         raise DataError(f"{path} is not a {spec.title} batch ({type(err).__name__}: {err}); "
                         f"re-download with {fix}") from None

@@ -16,22 +16,22 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from curvature.errors import NumericalError, SuiteError
-from curvature.io import torch_save_atomic
+from curvature.errors import DataError, NumericalError, SuiteError
+from curvature.io import first_non_finite, load_torch_file, torch_save_atomic
 from curvature.losses import as_loss
 from curvature.seeding import stream_seed
 
 
 def linear_decay_factor(epoch: int, epochs: int, final_ratio: float = 0.01) -> float:
     """The original package's schedule: with t = epoch / epochs, 1 for t <= 0.5, then linear down
-    to ``final_ratio`` at t = 0.9, then ``final_ratio``."""
-    t = epoch / epochs
+    to ``final_ratio`` at t = 0.9, then ``final_ratio`` (from the start when ``epochs`` is 0: SWA from epoch 0)."""
+    t = epoch / epochs if epochs > 0 else 1.0
     if t <= 0.5:
         return 1.0
     if t <= 0.9:
@@ -174,31 +174,107 @@ def save_checkpoint(path: Path, state: dict) -> None:
     torch_save_atomic(path, state)
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module,
-                    optimizer: Optional[torch.optim.Optimizer] = None,
-                    map_location="cpu") -> dict:
-    """Load a checkpoint written by :func:`save_checkpoint` into ``model`` (and ``optimizer``).
+#: Optimiser state entries that hold one value per parameter entry (torch's optimisers, SWATS, K-FAC).
+PARAM_SHAPED = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "square_avg", "grad_avg",
+                "acc_delta", "sum", "prev", "step_size", "ax", "sgd_buffer")
+_FROM_TRAIN = "give a checkpoint-XXXXX.pt written by analysis=train (or regenerate it with analysis=train)"
 
-    A missing, unreadable or ill-fitting file raises a one-line ``SuiteError`` naming it.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise SuiteError(f"checkpoint {path} does not exist: give the path of a checkpoint-XXXXX.pt "
-                         "file written by analysis=train")
+
+def _kind(value) -> str:
+    name = type(value).__name__
+    return "None" if value is None else f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
+def refuse_non_finite(path, tensors, prefix: str = "") -> None:
+    """A one-line ``DataError`` naming ``path`` and the first tensor holding NaN or Inf (bad input,
+    not a failure of this run: no partial results)."""
+    found = first_non_finite(tensors, prefix)
+    if found is not None:
+        raise DataError(f"checkpoint {path} holds non-finite values in tensor '{found[0]}' ({found[1]}): "
+                        "it comes from a diverged run; use an earlier checkpoint")
+
+
+def read_checkpoint(path: Path, map_location="cpu") -> dict:
+    """The dict :func:`save_checkpoint` wrote, read with ``weights_only=True`` (no code runs from the
+    file) and checked: a dict whose ``model`` (and ``swa_model``, if any) is a state dict of finite
+    tensors. The one function every analysis reads a checkpoint through; anything else is a one-line
+    ``SuiteError`` naming the file."""
+    state = load_torch_file(path, "checkpoint", _FROM_TRAIN, map_location)
+    weights = state.get("model") if isinstance(state, dict) else None
+    if not (isinstance(weights, Mapping) and all(isinstance(k, str) for k in weights)):
+        what = f"its 'model' entry is {_kind(weights)}" if isinstance(state, dict) else f"it holds {_kind(state)}"
+        raise SuiteError(f"checkpoint {path} holds no model state ({what}, not a state dict): {_FROM_TRAIN}")
+    refuse_non_finite(path, weights)
+    if isinstance(state.get("swa_model"), Mapping):
+        refuse_non_finite(path, state["swa_model"], "swa_model.")
+    return state
+
+
+def load_model_state(path, model: torch.nn.Module, weights: Mapping) -> None:
+    """``model.load_state_dict(weights)``; a state of another model is a one-line SuiteError."""
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as error:  # noqa: BLE001 - any unpickling failure means an unreadable file
-        raise SuiteError(f"checkpoint {path} cannot be read ({type(error).__name__}): "
-                         "the file is corrupt or not a checkpoint") from None
-    if not isinstance(state, dict) or "model" not in state:
-        raise SuiteError(f"checkpoint {path} holds no model state: it was not written by analysis=train")
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as error:
+        model.load_state_dict(weights)
+    except (RuntimeError, TypeError, ValueError, AttributeError, KeyError) as error:
         first = str(error).strip().splitlines()
         detail = next((line.strip() for line in first[1:] if line.strip()), first[0] if first else "")
         raise SuiteError(f"checkpoint {path} does not fit the chosen model ({detail}): choose the "
                          "model, width and dataset it was trained with") from None
+    loaded = model.state_dict()
+    found = first_non_finite(loaded)
+    if found is not None:  # finite in the file, but too large for the model's dtype
+        raise DataError(f"checkpoint {path}: tensor '{found[0]}' overflows {loaded[found[0]].dtype} "
+                        f"when loaded ({found[1]}); use dtype=float64 or an earlier checkpoint")
+
+
+def load_optimizer_state(path, optimizer: torch.optim.Optimizer, saved) -> None:
+    """``optimizer.load_state_dict(saved)`` after checking that ``saved`` is the state of this kind of
+    optimiser over parameters of these shapes, with finite tensors: a one-line SuiteError otherwise
+    (torch would fail later, inside a step, with a KeyError or a shape mismatch)."""
+    groups = saved.get("param_groups") if isinstance(saved, Mapping) else None
+    if not (isinstance(groups, list) and all(isinstance(g, Mapping) and isinstance(g.get("params"), list)
+                                             for g in groups) and isinstance(saved.get("state"), Mapping)):
+        raise SuiteError(f"checkpoint {path} holds no optimiser state (its 'optimizer' entry is {_kind(saved)}, "
+                         f"not an optimizer.state_dict()): {_FROM_TRAIN}")
+    refuse_non_finite(path, saved["state"], "optimizer.state.")
+    ours = optimizer.param_groups
+    counts = ([len(g["params"]) for g in groups], [len(g["params"]) for g in ours])
+    if counts[0] != counts[1]:
+        raise SuiteError(f"checkpoint {path} holds optimiser state for {counts[0]} parameter tensors (per group), "
+                         f"this model has {counts[1]}: the state is of another model; choose the model it was "
+                         "trained with")
+    # Settings on one side only, both ways, mean another optimiser (Adam's betas vs SGD's momentum); a
+    # key missing from the file alone is one a newer torch added, and its __setstate__ fills it in.
+    have, need = {k for g in groups for k in g}, {k for g in ours for k in g}
+    if have - need and need - have:
+        raise SuiteError(f"checkpoint {path} holds the state of another optimiser than {type(optimizer).__name__} "
+                         f"(its settings have {', '.join(sorted(have - need))} and lack "
+                         f"{', '.join(sorted(need - have))}): choose the optimizer it was trained with")
+    params = dict(zip((i for g in groups for i in g["params"]), (p for g in ours for p in g["params"])))
+    for index, entries in saved["state"].items():
+        param = params.get(index)
+        for key, value in (entries.items() if isinstance(entries, Mapping) and param is not None else ()):
+            if key in PARAM_SHAPED and isinstance(value, torch.Tensor) and value.shape != param.shape:
+                raise SuiteError(f"checkpoint {path} holds optimiser state '{key}' of shape {tuple(value.shape)} "
+                                 f"for a parameter of shape {tuple(param.shape)}: the state is of another model; "
+                                 "choose the model it was trained with")
+    try:
+        optimizer.load_state_dict(saved)
+    except (RuntimeError, TypeError, ValueError, KeyError) as error:
+        detail = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise SuiteError(f"checkpoint {path} holds an optimiser state {type(optimizer).__name__} cannot load "
+                         f"({detail}): choose the optimizer and model it was trained with") from None
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module,
+                    optimizer: Optional[torch.optim.Optimizer] = None,
+                    map_location="cpu") -> dict:
+    """Load a checkpoint written by :func:`save_checkpoint` into ``model`` (and ``optimizer``, when
+    the checkpoint holds an optimiser state); returns the checkpoint's dict (:func:`read_checkpoint`).
+
+    A missing, unreadable, unsafe or ill-fitting file raises a one-line ``SuiteError`` naming it.
+    """
+    state = read_checkpoint(path, map_location)
+    load_model_state(path, model, state["model"])
     if optimizer is not None and state.get("optimizer") is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(path, optimizer, state["optimizer"])
     return state

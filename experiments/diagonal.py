@@ -25,6 +25,7 @@ from curvature.errors import SuiteError
 from curvature.lanczos import lanczos
 from curvature.operators import OPERATORS, make_operator
 from curvature.spectrum import SpectralMeasure
+from curvature.training import load_optimizer_state, read_checkpoint
 from experiments import validate as V
 from experiments.loss_config import build_loss, is_plain
 from experiments.matrices import build_matrix, validate_matrix_dataset
@@ -135,14 +136,14 @@ def _network(run: Run, s: dict):
     def operator(name):
         return make_operator(name, model, loss_fn, batches, bn_mode=o["bn_mode"], params=o["params"],
                              mode=o["hvp_mode"], check_deterministic=o["check_deterministic"], cache=o["cache"],
-                             layerwise=o["layerwise"])
+                             layerwise=o["layerwise"], **o["fisher"])
 
     std_error, method = None, s["method"]
     try:
         if method == "exact" and s["target"] == "ggn":
             diagonal = D.ggn_diagonal(model, loss_fn, batches, o["bn_mode"], o["params"], s["block_size"])
         elif method == "exact":
-            diagonal = D.operator_diagonal(operator("hessian"), chunk=s["block_size"])
+            diagonal = D.operator_diagonal(operator(s["target"]), chunk=s["block_size"])
         elif method == "mc_ggn":
             estimate = D.mc_ggn_diagonal(model, loss_fn, batches, s["num_samples"], o["bn_mode"], o["params"],
                                          seed=run.seed, chunk_size=s["block_size"])
@@ -153,11 +154,8 @@ def _network(run: Run, s: dict):
                                              seed=run.seed, dtype=run.dtype, device=run.device)
             diagonal, std_error = estimate.mean, estimate.std_error
         else:
-            state = torch.load(s["checkpoint"], map_location="cpu", weights_only=False).get("optimizer")
-            if not state:
-                raise SuiteError(f"checkpoint {s['checkpoint']} holds no optimiser state (an SWA average?): "
-                                 "give a checkpoint of a run with optimizer=adam")
-            diagonal = D.adam_diagonal(state, model, o["params"], s["bias_correction"])
+            diagonal = D.adam_diagonal(_adam_state(s["checkpoint"], model), model, o["params"],
+                                       s["bias_correction"])
     except ValueError as error:  # an unsupported loss for the chosen method
         raise V.ConfigError("operator.loss", o["loss"], str(error), "operator.loss=cross_entropy") from None
     stems, exact = {}, None
@@ -172,6 +170,17 @@ def _network(run: Run, s: dict):
     title = f"{s['model']['name']} / {s['dataset']['name']}: {reference}"
     return diagonal, std_error, stems, exact, {"title": title, "checkpoint": s["checkpoint"],
                                                "operator": {**o, "diagonal_of": reference}}
+
+
+def _adam_state(path: str, model) -> dict:
+    """The checkpoint's Adam state, read safely and checked against the model (one-line errors)."""
+    state = read_checkpoint(path).get("optimizer")
+    if not state:
+        raise SuiteError(f"checkpoint {path} holds no optimiser state (an SWA average?): "
+                         "give a checkpoint of a run with optimizer=adam")
+    adam = torch.optim.Adam(model.parameters())
+    load_optimizer_state(path, adam, state)  # another optimiser's or another model's state: one line
+    return adam.state_dict()
 
 
 def _record(run: Run, s: dict, diagonal, std_error, stems, exact, atom_at_zero) -> None:

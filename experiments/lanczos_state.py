@@ -15,7 +15,8 @@ naming it; keys in FREE_KEYS (step count, plotting, checks, device, logging) may
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+import logging
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from curvature.io import torch_save_atomic
 from curvature.lanczos import LanczosNumericalError
 from experiments import validate as V
 
+log = logging.getLogger(__name__)
 STATE_PREFIX = "lanczos-state-"
 #: Keys that do not change the Lanczos sequence (or only at rounding level): free to differ on resume.
 FREE_KEYS = ("output_dir", "overwrite", "resume", "logger", "run_name", "experiment_id", "device",
@@ -51,8 +53,8 @@ def state_path(run, name: str) -> Path:
     return run.out_dir / f"{STATE_PREFIX}{name}.pt"
 
 
-def fingerprint(config: dict) -> dict[str, Any]:
-    """The resolved config flattened to dotted keys, without FREE_KEYS."""
+def fingerprint(config: dict, free_keys: tuple[str, ...] = FREE_KEYS) -> dict[str, Any]:
+    """The resolved config flattened to dotted keys, without ``free_keys`` (and the keys below them)."""
     flat: dict[str, Any] = {}
 
     def walk(node, prefix):
@@ -61,10 +63,22 @@ def fingerprint(config: dict) -> dict[str, Any]:
                 walk(value, f"{prefix}{key}.")
         else:
             key = prefix[:-1]
-            if not any(key == free or key.startswith(free + ".") for free in FREE_KEYS):
+            if not any(key == free or key.startswith(free + ".") for free in free_keys):
                 flat[key] = node
     walk(config, "")
     return flat
+
+
+def refuse_differences(ours: dict[str, Any], theirs: dict[str, Any], path: Path) -> None:
+    """A one-line ConfigError naming the first key whose value differs between this run's fingerprint
+    and the one saved in ``path`` (names and ``_target_`` first: they explain the rest)."""
+    def order(key):
+        return not key.endswith(("name", "_target_")), key
+    for key in sorted(set(ours) | set(theirs), key=order):
+        if ours.get(key, "<unset>") != theirs.get(key, "<unset>"):
+            raise V.ConfigError(key, ours.get(key, "<unset>"), f"differs from {theirs.get(key, '<unset>')!r}, "
+                                f"the value {Path(path).name} was computed with; resume needs the same",
+                                f"{key}={theirs.get(key)} (or resume=null to start afresh)")
 
 
 def load_states(run, names: list[str]) -> dict[str, dict]:
@@ -93,11 +107,7 @@ def load_states(run, names: list[str]) -> dict[str, dict]:
         theirs = state.get("fingerprint") if isinstance(state, dict) else None
         if not isinstance(theirs, dict):
             raise SuiteError(f"{path} holds no config fingerprint: not a state of analysis=spectrum")
-        for key in sorted(set(ours) | set(theirs)):
-            if ours.get(key, "<unset>") != theirs.get(key, "<unset>"):
-                raise V.ConfigError(key, ours.get(key, "<unset>"), f"differs from {theirs.get(key, '<unset>')!r}, "
-                                    f"the value {path.name} was computed with; resume needs the same",
-                                    f"{key}={theirs.get(key)} (or resume=null to start afresh)")
+        refuse_differences(ours, theirs, path)
         states[name] = state
     return states
 
@@ -112,10 +122,17 @@ def lanczos_options(run, name: str, states: dict[str, dict]) -> dict:
         def save(state: dict) -> None:
             if getattr(run, "is_main", True):  # distributed: every rank holds the same state
                 torch_save_atomic(path, {**state, "fingerprint": print_, "operator": name})
+                log.info("lanczos (%s): step %d of %d saved to %s", name, int(state["step"]), s["num_steps"],
+                         path.name)  # the progress of a long run, in run.log
         options.update(checkpoint=save, checkpoint_every=s["checkpoint_every"])
     if name in states:
         options["resume_state"] = states[name]
-        run.note(f"{name}: resumed from {state_path(run, name).name} after step {int(states[name]['step'])} "
+        step = int(states[name]["step"])
+        # curvature.lanczos notes the resume too; this note says it with the file: keep one of the two
+        for n in {step, min(step, s["num_steps"])}:
+            library = f"resumed from the saved Lanczos state after step {n}"
+            run.superseded_notes |= {library, f"{name}: {library}"}
+        run.note(f"{name}: resumed from {state_path(run, name).name} after step {step} "
                  "(the cost table covers the resumed part only)")
     return options
 
@@ -130,9 +147,12 @@ def remove_states(run, names: list[str]) -> None:
 @contextmanager
 def keep_partial(run, name: str, prefix: str = ""):
     """On a NaN/Inf product: keep the steps completed before it as ``<prefix>tridiagonal`` etc.
-    (arrays.partial.npz) and record them under ``completed`` in results.partial.json."""
+    (arrays.partial.npz) and record them under ``completed`` in results.partial.json. The Lanczos run
+    is a phase of the run (timed in run.log)."""
+    phase = run.phase(f"lanczos ({name})") if hasattr(run, "phase") else nullcontext()
     try:
-        yield
+        with phase:
+            yield
     except LanczosNumericalError as error:
         done = error.partial
         if done is not None:

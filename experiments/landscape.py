@@ -25,8 +25,9 @@ from omegaconf import DictConfig
 
 from curvature import landscape as LS
 from curvature.errors import SuiteError
+from curvature.io import first_non_finite, load_torch_file
 from curvature.lanczos import lanczos
-from curvature.operators import make_operator, select_parameters
+from curvature.operators import make_operator
 from experiments import validate as V
 from experiments.loss_config import build_loss
 from experiments.networks import (build_network, checkpoint_path, load_data, require_trained,
@@ -68,11 +69,21 @@ def validate(cfg: DictConfig) -> dict:
         raise V.ConfigError("analysis.operators", s["operator"]["names"], "the landscape takes one operator",
                             "operator=hessian")
     s["ritz_file"] = _ritz_file(cfg, s["operator"]["names"][0])
+    if s["ritz_file"] is None:   # Lanczos here gives at most num_steps Ritz values
+        check_positions(positions, s["num_steps"], f"analysis.num_steps={s['num_steps']}")
     require_trained(cfg, s["checkpoint"])
     if s["ritz_file"] is None and V.get(cfg, "analysis.require_spectrum", False):
         raise V.ConfigError("analysis.spectrum_dir", None, f"this preset reads saved Ritz vectors: produce them with "
                             f"{HOW}", "analysis.spectrum_dir=outputs/<spectrum run>")
     return s
+
+
+def check_positions(positions: list, count: int, source: str) -> None:
+    """Integer positions must index one of ``count`` Ritz values (-count..count-1): no wrapping around."""
+    bad = [p for p in positions if p != "near_zero" and not -count <= p < count]
+    if bad:
+        raise V.ConfigError("analysis.positions", positions, f"{bad} out of range: {source} gives {count} Ritz "
+                            f"values (indices {-count}..{count - 1})", "analysis.positions=[-1,-2,0,near_zero]")
 
 
 def _ritz_file(cfg: DictConfig, operator: str):
@@ -86,14 +97,18 @@ def _ritz_file(cfg: DictConfig, operator: str):
     return None if path is None else str(path)
 
 
+RITZ_TENSORS = ("ritz_values", "ritz_vectors", "mask")
+
+
 def load_ritz_vectors(path: str, model: torch.nn.Module, names: list[str]) -> dict:
     """The saved Ritz pairs, checked against the model: one-line SuiteError saying how to make the right file."""
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # noqa: BLE001 - any unreadable file gets the same one-line message
-        raise SuiteError(f"cannot read Ritz vectors file {path} ({type(error).__name__}); produce it with {HOW}") from None
-    if not isinstance(saved, dict) or saved.get("ritz_vectors") is None:
-        raise SuiteError(f"{path} holds no Ritz vectors; produce them with {HOW}")
+    saved = load_torch_file(path, "Ritz vectors file", f"produce it with {HOW}")
+    if not isinstance(saved, dict) or not all(isinstance(saved.get(k), torch.Tensor) for k in RITZ_TENSORS):
+        raise SuiteError(f"{path} holds no Ritz vectors ({', '.join(RITZ_TENSORS)}); produce them with {HOW}")
+    found = first_non_finite({k: saved[k] for k in RITZ_TENSORS})
+    if found is not None:
+        raise SuiteError(f"Ritz vectors file {path} holds non-finite values in tensor '{found[0]}' ({found[1]}); "
+                         f"produce it again with {HOW}")
     named = dict(model.named_parameters())
     shapes = [tuple(named[n].shape) for n in names]
     if (list(saved.get("param_names", [])) != list(names) or [tuple(s) for s in saved.get("param_shapes", [])] != shapes
@@ -112,13 +127,14 @@ def _directions(run: Run, s: dict, model, names, splits, loss_fn, op_batches):
         run.note(f"Ritz vectors: {s['ritz_file']} ({saved.get('operator')})")
     else:
         op = make_operator(o["names"][0], model, loss_fn, op_batches, bn_mode=o["bn_mode"], params=o["params"],
-                           check_deterministic=False, cache=o["cache"], layerwise=o["layerwise"])
+                           check_deterministic=False, cache=o["cache"], layerwise=o["layerwise"], **o["fisher"])
         result = lanczos(op.matvec, op.num_params, s["num_steps"], seed=run.seed, dtype=run.dtype,
                          device=run.device, return_vectors=True)
         values, vectors, mask = result.ritz_values[0], result.ritz_vectors[0], result.mask[0]
         run.note(f"Ritz vectors: computed here ({o['names'][0]}, {s['num_steps']} Lanczos steps)")
     mask = torch.as_tensor(mask, dtype=torch.bool)
     values, vectors = values[mask].to(torch.float64), vectors[mask]
+    check_positions(s["positions"], len(values), s["ritz_file"] or "the Lanczos run (it stopped early)")
     out = []
     for label, index in LS.choose_ritz_directions(values, s["positions"]):
         v = vectors[index].to(device=run.device, dtype=run.dtype)
@@ -137,7 +153,7 @@ def run(cfg: DictConfig) -> dict:
         model = build_network(s["model"], splits, run.device, run.dtype, s["checkpoint"])
         run.note(f"weights: {s['checkpoint'] or 'initial (seed ' + str(run.seed) + ')'}")
         loss_fn = build_loss(o)
-        names = select_parameters(model, o["params"])
+        names = V.parameter_names(model, o["params"])
         op_batches = list(splits.train.batches(o["batch_size"], dtype=run.dtype))
         data = {"train": list(splits.train.batches(s["batch_size"], dtype=run.dtype)),
                 "test": list(splits.test.batches(s["batch_size"], dtype=run.dtype))}

@@ -69,9 +69,17 @@ def run(cfg: DictConfig) -> dict:
         rows = []
         for path in s["checkpoints"]:
             model = build_network(s["model"], splits, run.device, run.dtype, path)
+            V.parameter_names(model, o["params"])
             stats = loss_statistics(model, build_loss(o), batches, o["names"][0], o["bn_mode"], o["params"],
                                     seed=run.seed)
             rows.append({"checkpoint": path, "epoch": _epoch(path), **stats})
+        if len(batches) < 2:  # a variance over mini-batches needs two of them; 0.0 would read as "no noise"
+            for row in rows:
+                row.update({key: float("nan") for key in STATISTICS if key.endswith("_variance")})
+            note = (f"one mini-batch: analysis.batch_size={s['batch_size']} covers the whole train split, so the "
+                    "variances (which need >= 2 batches) are reported as null; lower analysis.batch_size")
+            run.note(note)
+            print(f"note: {note}")
         run.table("loss_stats", rows)
         for key in STATISTICS:
             run.array(key, np.array([r[key] for r in rows]))

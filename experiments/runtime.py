@@ -5,6 +5,11 @@ An analysis does its work inside ``with Run(cfg, "name", validate=...) as run:``
 ``arrays.npz``, the figures (PNG and PDF) and ``results.json`` into the run folder. Everything is first
 written to a staging folder and renamed into place, ``results.json`` last, so a run folder holds
 either a complete result or none: a failure midway leaves no results file.
+
+The run claims its folder with ``.run.lock`` (:mod:`experiments.run_folder`) before writing anything,
+removes what an interrupted run left there (``.staging-*`` folders, ``.*.tmp`` files), and logs its
+phases with their timings to ``run.log`` (``with run.phase("name"):``). A failure after some work keeps
+what completed in ``results.partial.json``.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import datetime as _dt
 import io
 import json
+import logging
 import math
 import os
 import platform
@@ -22,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
@@ -32,9 +39,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from curvature.distributed import backend_for, env_info, env_info_from_submitit
 from curvature.errors import NumericalError, SuiteError
-from curvature.io import write_bytes_atomic
+from curvature.io import remove_stale_temporaries, write_bytes_atomic
 from experiments import validate as V
-from experiments.tracking import NullTracker, make_tracker
+from experiments.run_folder import RunLock
+from experiments.tracking import NullTracker, make_tracker, validate_logger
+
+log = logging.getLogger(__name__)
+RUN_LOG = "run.log"
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("torch", "gpytorch", "linear_operator", "hydra-core", "omegaconf", "wandb", "numpy",
@@ -137,6 +148,10 @@ def git_commit() -> dict[str, Any]:
     def git(*args):
         return subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True,
                               timeout=10)
+    if not (PROJECT_ROOT / ".git").exists():
+        # an installed copy (site-packages): a git repository around the venv is not the suite's code
+        from curvature import __version__
+        return {"commit": "unknown", "dirty": None, "installed_version": __version__}
     try:
         head = git("rev-parse", "HEAD")
         if head.returncode != 0:
@@ -238,6 +253,12 @@ class Run:
         self.logged: list[dict] = []          # rows given to run.log (training curves)
         self.dist_info = None  # distributed=true: rank, world_size, local_rank (EnvInfo)
         self._owns_process_group = False
+        self.phases: list[dict] = []          # completed phases and their seconds (run.log, results)
+        self.current_phase: str | None = None
+        self.failed_phase: str | None = None     # the innermost phase an error left
+        self.superseded_notes: set[str] = set()  # notes said better by one already given
+        self._lock: RunLock | None = None
+        self._log_handler: logging.Handler | None = None
 
     @property
     def rank(self) -> int:
@@ -257,7 +278,7 @@ class Run:
         self.t0 = time.perf_counter()
         self.started_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         # Validate everything before anything is written anywhere.
-        self.seed = V.integer(self.cfg, "seed", minimum=0, example="seed=0")
+        self.seed = V.integer(self.cfg, "seed", minimum=0, maximum=2**63 - 1, example="seed=0")
         self.device = resolve_device(self.cfg)
         self.dtype = resolve_dtype(self.cfg)
         self.dist_info, self.device = resolve_distributed(self.cfg, self.device)
@@ -266,18 +287,81 @@ class Run:
         if self.dist_info and not (isinstance(self.settings, dict) and self.settings.get("supports_distributed")):
             raise V.ConfigError("distributed", True, f"analysis={analysis_label(self)} does not shard its "
                                 "work; only analysis=spectrum on an image dataset does", "distributed=false")
+        logger_cfg = validate_logger(V.get(self.cfg, "logger", {"name": "none"})) if self.is_main \
+            else {"name": "none"}
+        self.config = OmegaConf.to_container(self.cfg, resolve=True)
         self.out_dir = output_dir(self.cfg)
         ensure_writable(self.out_dir)
-        if (self.out_dir / "results.json").exists() and not V.get(self.cfg, "overwrite", False):
-            raise V.ConfigError("output_dir", str(self.out_dir),
-                                "this folder already holds a results.json", "overwrite=true")
-        seed_everything(self.seed)
-        self.config = OmegaConf.to_container(self.cfg, resolve=True)
-        if self.dist_info:
-            self._init_process_group()
-        logger_cfg = V.get(self.cfg, "logger", {"name": "none"}) if self.is_main else {"name": "none"}
-        self.tracker = make_tracker(logger_cfg, self.out_dir, self.config, name=self.run_name)
+        if self.is_main:  # distributed=true: rank 0 owns the folder, the other ranks write nothing
+            self._lock = RunLock(self.out_dir).claim()
+        try:
+            self._start_log()
+            if self._lock and self._lock.stale_note():
+                self._say(self._lock.stale_note())
+            if self.is_main:
+                removed = remove_stale_temporaries(self.out_dir)  # safe: we hold the folder
+                if removed:
+                    self._say(f"removed {len(removed)} leftover(s) of an interrupted run: {', '.join(removed)}")
+            if (self.out_dir / "results.json").exists() and not V.get(self.cfg, "overwrite", False):
+                raise V.ConfigError("output_dir", str(self.out_dir),
+                                    "this folder already holds a results.json", "overwrite=true")
+            seed_everything(self.seed)
+            if self.dist_info:
+                self._init_process_group()
+            self.tracker = make_tracker(logger_cfg, self.out_dir, self.config, name=self.run_name)
+        except BaseException:
+            self._release()
+            raise
+        seconds = time.perf_counter() - self.t0
+        self.phases.append({"name": "setup", "seconds": seconds})
+        log.info("phase setup (validation, run folder, seeds): %.1f s", seconds)
         return self
+
+    def _say(self, text: str) -> None:
+        self.note(text)
+        log.info(text)
+
+    def _start_log(self) -> None:
+        """Send the suite's log records to ``run.log`` in the run folder: Hydra's job logging does that
+        already; without Hydra (``dispatch(cfg)`` from Python) a handler of our own does."""
+        suite = logging.getLogger("experiments")
+        if suite.level == logging.NOTSET or suite.level > logging.INFO:
+            suite.setLevel(logging.INFO)
+        target = str((self.out_dir / RUN_LOG).resolve())
+        handlers = logging.getLogger().handlers + suite.handlers
+        if any(getattr(h, "baseFilename", None) == target for h in handlers) or not self.is_main:
+            return
+        self._log_handler = logging.FileHandler(target)
+        self._log_handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+        suite.addHandler(self._log_handler)
+
+    def _release(self) -> None:
+        if self._log_handler is not None:
+            logging.getLogger("experiments").removeHandler(self._log_handler)
+            self._log_handler.close()
+            self._log_handler = None
+        if self._lock is not None:
+            self._lock.release()
+
+    @contextmanager
+    def phase(self, name: str):
+        """Time a part of the run: its start and end go to run.log, and a completed phase is listed in
+        results.json (and in results.partial.json when a later phase fails)."""
+        outer, self.current_phase = self.current_phase, name
+        log.info("phase %s: started", name)
+        start = time.perf_counter()
+        try:
+            yield
+        except BaseException as error:
+            self.failed_phase = self.failed_phase or name
+            log.info("phase %s: failed after %.1f s (%s)", name, time.perf_counter() - start,
+                     type(error).__name__)
+            raise
+        finally:
+            self.current_phase = outer
+        seconds = time.perf_counter() - start
+        self.phases.append({"name": name, "seconds": seconds})
+        log.info("phase %s: %.1f s", name, seconds)
 
     def _init_process_group(self) -> None:
         import torch.distributed as dist
@@ -289,17 +373,44 @@ class Run:
         self.note(f"distributed: {self.world_size} processes, backend {dist.get_backend()}")
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if isinstance(exc, NumericalError) and hasattr(self, "out_dir") and getattr(self, "is_main", True):
-            path = self.partial(exc)
-            exc.args = (f"{exc}; what completed is in {path}",)
-        self.tracker.finish(failed=exc_type is not None)
-        if self._owns_process_group:
-            import torch.distributed as dist
-            dist.destroy_process_group()
-            self._owns_process_group = False
-        for fig in self._figures.values():
-            _close(fig)
+        try:
+            if exc is not None and self.is_main and self.results is None and \
+                    (isinstance(exc, NumericalError) or self.completed or self.arrays or self.logged
+                     or len(self.phases) > 1):
+                self._keep_partial(exc)
+            if exc is None:
+                log.info("run finished in %.1f s", time.perf_counter() - self.t0)
+            else:
+                # the error itself is the command line's one line (also appended to run.log there)
+                log.info("run failed after %.1f s%s (%s)", time.perf_counter() - self.t0,
+                         f" in phase {self.failed_phase}" if self.failed_phase else "", type(exc).__name__)
+            self.tracker.finish(failed=exc_type is not None)
+            if self._owns_process_group:
+                import torch.distributed as dist
+                dist.destroy_process_group()
+                self._owns_process_group = False
+            for fig in self._figures.values():
+                _close(fig)
+        finally:
+            self._release()
         return False
+
+    def _keep_partial(self, exc: BaseException) -> None:
+        """Write results.partial.json; a SuiteError's message then says where it is, any other error
+        carries the path as ``partial_results`` (the command line prints it)."""
+        try:
+            path = self.partial(exc)
+        except (OSError, SuiteError) as error:  # e.g. the disk is full: keep the first error
+            log.warning("could not write %s: %s", PARTIAL_RESULTS, error)
+            return
+        log.info("what completed is in %s", path)
+        if isinstance(exc, SuiteError) and exc.args and isinstance(exc.args[0], str):
+            exc.args = (f"{exc.args[0]}; what completed is in {path}",) + exc.args[1:]
+        else:
+            try:
+                exc.partial_results = str(path)
+            except AttributeError:
+                pass
 
     @property
     def run_name(self) -> str:
@@ -323,7 +434,8 @@ class Run:
         self._figures[stem] = fig
 
     def note(self, text: str) -> None:
-        self.notes.append(text)
+        if text not in self.superseded_notes and text not in self.notes:
+            self.notes.append(text)
 
     def log(self, values: dict[str, float], step: int | None = None) -> None:
         self.logged.append({"step": step, **values})
@@ -341,7 +453,8 @@ class Run:
             "partial": True, "analysis": self.analysis, "run_name": self.run_name,
             "error": f"{type(error).__name__}: {error}", "completed": self.completed,
             "metrics": self.metrics, "checks": self.checks, "tables": self.tables, "notes": self.notes,
-            "logged": self.logged, "files": {"arrays": PARTIAL_ARRAYS if self.arrays else None},
+            "logged": self.logged, "phases": self.phases, "failed_in_phase": self.failed_phase,
+            "files": {"arrays": PARTIAL_ARRAYS if self.arrays else None},
             "config": getattr(self, "config", None), "started_at": self.started_at,
             "wall_time_s": time.perf_counter() - self.t0})
         return path
@@ -357,6 +470,10 @@ class Run:
                             "metrics": self.metrics, "checks": self.checks, "notes": self.notes, **extra,
                             "files": {"arrays": None, "figures": []}}
             return self.results
+        with self.phase("write results"):
+            return self._finish(extra)
+
+    def _finish(self, extra: dict) -> dict:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.out_dir))
         try:
@@ -382,6 +499,7 @@ class Run:
                 "all_checks_passed": all(c["passed"] for c in self.checks.values()),
                 "tables": self.tables,
                 "notes": self.notes,
+                "phases": self.phases,
                 **extra,
                 "files": {"arrays": "arrays.npz" if self.arrays else None, "figures": figures},
                 "config": self.config,
@@ -420,6 +538,3 @@ def _close(fig) -> None:
     import matplotlib.pyplot as plt
     plt.close(fig)
 
-
-def report_user_error(error: SuiteError) -> None:
-    print(f"error: {error}", file=sys.stderr)

@@ -34,7 +34,12 @@ def validate(cfg: DictConfig) -> dict:
             raise V.ConfigError("analysis.blocks", V.get(cfg, "analysis.blocks"),
                                 "blocks are groups of a network's parameters: a matrix dataset has none",
                                 "analysis.blocks=null")
-        return {**common, "kind": "matrix", "dataset": validate_matrix_dataset(cfg)}
+        dataset = validate_matrix_dataset(cfg)
+        if common["num_steps"] > dataset["n"]:  # Lanczos on an n x n matrix stops after n steps
+            raise V.ConfigError("analysis.num_steps", common["num_steps"], f"at most dataset.n={dataset['n']} "
+                                "(Lanczos on an n x n matrix takes at most n steps)",
+                                f"analysis.num_steps={dataset['n']}")
+        return {**common, "kind": "matrix", "dataset": dataset}
     return {**validate_network(cfg, common), "kind": "network"}
 
 

@@ -70,7 +70,18 @@ def validate_operator(cfg: DictConfig) -> dict:
             "cache": None if V.get(cfg, "operator.cache", None) is None else
             V.choice(cfg, "operator.cache", list(CACHE_MODES)),
             "layerwise": V.choice(cfg, "operator.layerwise", ["auto", True, False], "operator.layerwise=auto")
-            if V.get(cfg, "operator.layerwise", None) is not None else "auto"}
+            if V.get(cfg, "operator.layerwise", None) is not None else "auto",
+            "fisher": fisher_options(cfg)}
+
+
+def fisher_options(cfg: DictConfig) -> dict:
+    """``make_operator``'s options for the Fisher (the other operators drop them): kind, draws, their seed."""
+    from curvature.fisher import FISHER_KINDS
+    return {"kind": V.choice(cfg, "operator.kind", list(FISHER_KINDS), "operator.kind=empirical")
+            if V.get(cfg, "operator.kind", None) is not None else "empirical",
+            "mc_samples": V.positive_int(cfg, "operator.mc_samples", "operator.mc_samples=1")
+            if V.get(cfg, "operator.mc_samples", None) is not None else 1,
+            "seed": V.integer(cfg, "seed", minimum=0, example="seed=0")}
 
 
 def validate_network(cfg: DictConfig, common: dict) -> dict:
@@ -108,11 +119,12 @@ def run_network(run: Run) -> dict:
     run.metric("num_samples", len(data))
     loss_fn = build_loss(o)
     blocks = B.groups(s, model)  # before any Lanczos work: a bad group fails at once
+    V.parameter_names(model, o["params"])  # so is a glob list matching no parameter
     cost, panels, block_rows = [], [], []
     for name in o["names"]:
         op = make_operator(name, model, loss_fn, batches, bn_mode=o["bn_mode"], params=o["params"],
                            mode=o["hvp_mode"], check_deterministic=o["check_deterministic"], cache=o["cache"],
-                           layerwise=o["layerwise"])
+                           layerwise=o["layerwise"], **o["fisher"])
         if run.dist_info:
             op = DistributedOperator(op)
         if run.device.type == "cuda":
@@ -304,8 +316,8 @@ def _record(run: Run, s: dict, name: str, op, model, result, measure, exact) -> 
     for key, value in measure.summary().items():
         run.metric(f"{name}_{key}", value)
     top, bottom = float(measure.nodes.max()), float(measure.nodes.min())
-    if name == "ggn":
-        run.check("ggn_psd", bottom / abs(top) if top else 0.0, f"min Ritz value >= -{tol['psd']:g} x max",
+    if name in ("ggn", "fisher"):
+        run.check(f"{name}_psd", bottom / abs(top) if top else 0.0, f"min Ritz value >= -{tol['psd']:g} x max",
                   bottom >= -tol["psd"] * abs(top))
     if name == "hessian" and s["expect_negative_mass"]:
         weight = measure.summary()["negative_weight"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,7 @@ from omegaconf import DictConfig
 from torch.optim.swa_utils import AveragedModel, update_bn
 
 from curvature import plotting
+from curvature.errors import SuiteError
 from curvature.losses import as_loss
 from curvature.models import count_parameters
 from curvature.optim import build_optimizer
@@ -31,9 +33,10 @@ from curvature.seeding import stream_seed
 from curvature.text import unigram_entropy
 from curvature.timing import median_seconds
 from curvature.training import (checkpoint_name, curvature_sampler, evaluate, linear_decay_factor,
-                                load_checkpoint, peak_memory_bytes, save_checkpoint, seed_epoch, set_lr,
-                                train_epoch, weight_norms)
+                                load_model_state, load_optimizer_state, peak_memory_bytes, read_checkpoint,
+                                save_checkpoint, seed_epoch, set_lr, train_epoch, weight_norms)
 from experiments import validate as V
+from experiments.lanczos_state import fingerprint, refuse_differences
 from experiments.networks import (build_network, checkpoint_path, load_data, validate_image_dataset,
                                   validate_model)
 from experiments.runtime import Run, latest_checkpoint
@@ -153,11 +156,7 @@ def run(cfg: DictConfig) -> dict:
         swa_model = AveragedModel(model) if s["swa"]["enabled"] else None
         history, start = [], 0
         if s["resume"]:
-            state = load_checkpoint(s["resume"], model, optimizer, map_location=run.device)
-            start, history = int(state["epoch"]), list(state.get("history", []))
-            if swa_model is not None and state.get("swa_model") is not None:
-                swa_model.load_state_dict(state["swa_model"])
-            run.note(f"resumed from {s['resume']} after epoch {start}")
+            start, history = resume(run, s, model, optimizer, swa_model)
         run.metric("num_parameters", count_parameters(model))
 
         checkpoints = []
@@ -200,9 +199,6 @@ def run(cfg: DictConfig) -> dict:
                                        "swa_model": swa_model.state_dict() if swa_model else None})
                 checkpoints.append(path.name)
 
-        if not history:
-            raise V.ConfigError("analysis.epochs", s["epochs"], f"the checkpoint already reached epoch {start}",
-                                f"analysis.epochs={start + 1}")
         last = history[-1]
         for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "test_top5_accuracy",
                     "images_per_s", "peak_memory_bytes", "weight_l2", "weight_linf"):
@@ -231,6 +227,50 @@ def run(cfg: DictConfig) -> dict:
         run.figure(_curves(history), "training_curves")
         source = {"data_source": splits.source} if d["name"] == "text" else {}  # which text was read
         return run.finish(checkpoints=checkpoints, num_parameters=count_parameters(model), **source)
+
+
+#: Keys that leave the weights of every epoch as they are: free to differ between a checkpoint's
+#: config and the config that resumes it (where to log and save, what to check, where the files are).
+RESUME_FREE_KEYS = ("output_dir", "overwrite", "resume", "logger", "run_name", "experiment_id", "device",
+                    "distributed", "operator", "dataset.data_dir", "dataset.download", "analysis.save_freq",
+                    "analysis.eval_batch_size", "analysis.target_test_accuracy", "analysis.check_test_loss",
+                    "analysis.step_cost", "analysis.step_cost_repeats", "analysis.swa.bn_update")
+
+
+def resume(run: Run, s: dict, model, optimizer, swa_model) -> tuple[int, list[dict]]:
+    """Load ``s["resume"]`` into the model, optimiser and SWA average; returns ``(epoch, history)``.
+
+    The checkpoint's config must equal this run's in every key outside RESUME_FREE_KEYS (and
+    ``analysis.epochs`` when the learning rate does not depend on it), so that the resumed run ends
+    where an uninterrupted one would; anything else is a one-line error naming the key or the file.
+    """
+    path = s["resume"]
+    state = read_checkpoint(path, map_location=run.device)
+    load_model_state(path, model, state["model"])
+    epoch, history, config = state.get("epoch"), state.get("history", []), state.get("config")
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        raise SuiteError(f"checkpoint {path} holds no epoch count ('epoch' is {epoch!r}): resume from a "
+                         "checkpoint-XXXXX.pt written by analysis=train")
+    if not isinstance(config, dict):
+        raise SuiteError(f"checkpoint {path} holds no config to check the resumed run against: resume from a "
+                         "checkpoint-XXXXX.pt written by analysis=train")
+    epochs_free = s["schedule"] == "constant" or s["swa"]["enabled"]  # else the schedule depends on epochs
+    free = RESUME_FREE_KEYS + (("analysis.epochs",) if epochs_free else ())
+    refuse_differences(fingerprint(run.config, free), fingerprint(config, free), Path(path))
+    if state.get("optimizer") is None:
+        raise SuiteError(f"checkpoint {path} holds no optimiser state (checkpoint-swa.pt is an average of "
+                         "weights, not a point of the run): resume from a checkpoint-XXXXX.pt")
+    load_optimizer_state(path, optimizer, state["optimizer"])
+    if not (isinstance(history, list) and all(isinstance(row, dict) for row in history)):
+        raise SuiteError(f"checkpoint {path} holds no training history (a list of per-epoch rows): resume from "
+                         "a checkpoint-XXXXX.pt written by analysis=train")
+    if swa_model is not None and state.get("swa_model") is not None:
+        load_model_state(path, swa_model, state["swa_model"])
+    if epoch >= s["epochs"]:
+        raise V.ConfigError("analysis.epochs", s["epochs"], f"the checkpoint already reached epoch {epoch}: "
+                            "nothing left to train", f"analysis.epochs={epoch + 1} with analysis.schedule=constant")
+    run.note(f"resumed from {path} after epoch {epoch}")
+    return epoch, list(history)
 
 
 def _check_test_loss(run: Run, history: list[dict], text_train=None) -> None:

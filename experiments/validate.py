@@ -1,4 +1,8 @@
-"""One-line checks of config values. Each failure names the key, the bad value and the fix."""
+"""One-line checks of config values. Each failure names the key, the bad value and the fix.
+
+The analyses call these for the settings they read; :mod:`experiments.schema` checks every key of the
+composed config against the yaml defaults first (``check_config``, the first step of ``dispatch``).
+"""
 
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ def get(cfg: DictConfig, key: str, default: Any = _MISSING) -> Any:
     """The value at a dotted key as plain Python; a missing or ``???`` key without default fails."""
     parent, _, leaf = key.rpartition(".")
     node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
-    if isinstance(node, DictConfig) and leaf in node and OmegaConf.is_missing(node, leaf):
+    if isinstance(node, DictConfig) and leaf in node.keys() and OmegaConf.is_missing(node, leaf):  # `in` skips ???
         raise ConfigError(key, "???", "must be given for this run", f"{key}=<value>")
     try:
         value = OmegaConf.select(cfg, key, default=_MISSING)
@@ -73,14 +77,14 @@ def integer_or_auto(cfg, key: str, minimum: int = 0, example: str | None = None)
 def number(cfg, key: str, minimum: float | None = None, maximum: float | None = None,
            strict_minimum: bool = False, example: str | None = None) -> float:
     value = get(cfg, key)
-    ok = (_is_int(value) or isinstance(value, float)) and value == value
+    ok = _is_number(value) and math.isfinite(value)   # inf passes every bound: refuse it here
     if ok and minimum is not None:
         ok = value > minimum if strict_minimum else value >= minimum
     if ok and maximum is not None:
         ok = value <= maximum
     if not ok:
         lower = f"> {minimum}" if strict_minimum else f">= {minimum}"
-        text = "a number" + (f" {lower}" if minimum is not None else "") + \
+        text = "a finite number" + (f" {lower}" if minimum is not None else "") + \
             (f" and <= {maximum}" if maximum is not None else "")
         raise ConfigError(key, value, f"must be {text}", example)
     return float(value)
@@ -147,3 +151,13 @@ def _range_text(kind: str, minimum, maximum) -> str:
     if maximum is not None:
         return f"must be {kind} <= {maximum}"
     return f"must be {kind}"
+
+
+def parameter_names(model, patterns) -> list[str]:
+    """The parameters ``operator.params`` selects; glob patterns matching none are a :class:`ConfigError`
+    naming the key (call it once the model is built, before any curvature work)."""
+    from curvature.functional import select_parameters
+    try:
+        return select_parameters(model, patterns)
+    except SuiteError as error:
+        raise ConfigError("operator.params", patterns, str(error), "operator.params=null") from None

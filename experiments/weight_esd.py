@@ -117,7 +117,8 @@ def run(cfg: DictConfig) -> dict:
         rows, history, final = [], [], None
         for label, epoch, path in s["sources"]:
             if path is not None:
-                epoch = int(load_checkpoint(path, model, map_location=run.device).get("epoch", epoch or 0))
+                saved = load_checkpoint(path, model, map_location=run.device).get("epoch")
+                epoch = saved if isinstance(saved, int) and not isinstance(saved, bool) else epoch or 0
             final = _analyze_state(run, s, model, label)
             rows += [{"checkpoint": label, "epoch": epoch, **a.row} for a in final]
             history.append({"checkpoint": label, "epoch": epoch, **summarize([a.row for a in final], s["esd"]),

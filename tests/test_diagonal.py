@@ -92,7 +92,7 @@ def test_adam_diagonal_is_the_square_root_of_the_second_moment_state(tmp_path):
     train = dispatch(make_cfg(tmp_path / "train", ["experiment=train_digits", "optimizer=adam",
                                                    "analysis.epochs=1", *small]))
     path = tmp_path / "train" / train["checkpoints"][-1]
-    state = torch.load(path, weights_only=False)["optimizer"]
+    state = torch.load(path, weights_only=True)["optimizer"]
     from experiments.networks import build_network, load_data
     cfg = make_cfg(tmp_path / "diag", ["dataset=digits", *small, "analysis=diagonal", "analysis.method=adam",
                                        f"analysis.checkpoint={path}", "analysis.lanczos_steps=3",

@@ -51,7 +51,7 @@ def test_landscape_computes_its_own_spectrum_with_bn_recompute(tmp_path):
 
 
 def test_spectrum_file_without_vectors_or_from_another_model_is_refused(tmp_path, spectrum_dir):
-    saved = torch.load(spectrum_dir / "ritz_vectors_hessian.pt", weights_only=False)
+    saved = torch.load(spectrum_dir / "ritz_vectors_hessian.pt", weights_only=True)
     torch.save({**saved, "ritz_vectors": None}, tmp_path / "novec.pt")
     for file, net in ((tmp_path / "novec.pt", NET), (spectrum_dir / "ritz_vectors_hessian.pt",
                                                      NET[:2] + ["model.hidden=[6]"] + NET[3:])):

@@ -332,6 +332,6 @@ def test_resume_with_a_stateful_optimiser_ends_with_the_same_weights(name, extra
               "analysis.target_test_accuracy=null"]
     dispatch(make_cfg(tmp_path / "whole", common))
     dispatch(make_cfg(tmp_path / "resumed", common + [f"resume={tmp_path / 'whole' / 'checkpoint-00001.pt'}"]))
-    a, b = (torch.load(tmp_path / run / "checkpoint-00002.pt", weights_only=False) for run in ("whole", "resumed"))
+    a, b = (torch.load(tmp_path / run / "checkpoint-00002.pt", weights_only=True) for run in ("whole", "resumed"))
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key

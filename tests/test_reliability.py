@@ -171,7 +171,7 @@ def test_a_checkpoint_with_nan_weights_is_refused_in_one_line_naming_file_and_te
     proc = run_cli(*NET, f"analysis.checkpoint={ckpt}", f"hydra.run.dir={out}")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     line = _error_line(proc.stderr)
-    assert line.startswith(f"error: checkpoint {ckpt} holds NaN/Inf in") and name.split(".")[-1] in line
+    assert line.startswith(f"error: checkpoint {ckpt} holds non-finite values in tensor '{name}'")
     assert not (out / "results.json").exists()
 
 
@@ -244,8 +244,8 @@ def test_train_resume_true_continues_from_the_last_checkpoint_in_the_folder(tmp_
     (killed / "checkpoint-00002.pt").unlink()
     results = dispatch(make_cfg(killed, train + ["resume=true"]))
     assert any("checkpoint-00001.pt" in n for n in results["notes"])
-    a = torch.load(tmp_path / "full" / "checkpoint-00002.pt", weights_only=False)["model"]
-    b = torch.load(killed / "checkpoint-00002.pt", weights_only=False)["model"]
+    a = torch.load(tmp_path / "full" / "checkpoint-00002.pt", weights_only=True)["model"]
+    b = torch.load(killed / "checkpoint-00002.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -43,7 +43,7 @@ def test_ritz_vectors_file_holds_converged_eigenvectors(tmp_path):
     spec = tmp_path / "spec"
     dispatch(make_cfg(spec, SMALL + [f"analysis.checkpoint={ckpt}", "analysis.save_ritz_vectors=true",
                                      "analysis.exact_max_dim=0"]))
-    saved = torch.load(spec / "ritz_vectors_hessian.pt", weights_only=False)
+    saved = torch.load(spec / "ritz_vectors_hessian.pt", weights_only=True)
     k, m, p = saved["ritz_vectors"].shape
     assert (k, m) == (1, 30) and p == saved["num_params"] == 610
     assert saved["param_names"] == ["net.1.weight", "net.1.bias", "net.3.weight", "net.3.bias"]
@@ -90,7 +90,7 @@ def test_spectrum_of_a_trained_checkpoint(tmp_path):
 @pytest.mark.parametrize("overrides,key", [
     (["experiment=fig7"], "analysis.checkpoint"),
     (SMALL + ["analysis.compare_vectors=true"], "analysis.num_vectors"),
-    (SMALL + ["analysis.operators=[hessian,fisher]"], "analysis.operators"),
+    (SMALL + ["analysis.operators=[hessian,kfac]"], "analysis.operators"),
     (SMALL + ["operator.bn_mode=frozen"], "operator.bn_mode"),
     (SMALL + ["analysis.checkpoint=/no/such.pt"], "analysis.checkpoint"),
 ])

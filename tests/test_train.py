@@ -49,7 +49,7 @@ def test_digits_cnn_learns(tmp_path):
 
 
 def _final_state(folder, epoch):
-    return torch.load(folder / f"checkpoint-{epoch:05d}.pt", weights_only=False)
+    return torch.load(folder / f"checkpoint-{epoch:05d}.pt", weights_only=True)
 
 
 def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(tmp_path):
