@@ -2,10 +2,11 @@
 
 Two engines with the same scaling and stopping conventions and the same tridiagonal (to rounding,
 tested to 1e-10 in float64): ``engine="gpytorch"``, a thin wrapper over GPyTorch's
-``linear_operator.utils.lanczos.lanczos_tridiag``, and ``engine="native"``, our own loop with full
-reorthogonalisation, which can save its state every ``checkpoint_every`` steps and resume from it
-(:func:`lanczos`), costs ``m`` products for ``m`` steps instead of ``m + 1``, and reorthogonalises
-with matrix-vector products against the stored basis instead of GPyTorch's (k+1) x P temporary.
+``linear_operator.utils.lanczos.lanczos_tridiag``, and ``engine="native"`` (the default, as on the
+command line), our own loop with full reorthogonalisation, which can save its state every
+``checkpoint_every`` steps and resume from it (:func:`lanczos`), costs ``m`` products for ``m`` steps
+instead of ``m + 1``, and reorthogonalises with matrix-vector products against the stored basis
+instead of GPyTorch's (k+1) x P temporary.
 Both turn their output into the quantities curvature analyses need:
 
 * the tridiagonal matrix ``T_m`` of each start vector,
@@ -40,11 +41,11 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 import torch
-from linear_operator.utils.lanczos import lanczos_tridiag
 from tqdm.auto import tqdm
 
 from curvature.errors import NumericalError, SuiteError
 from curvature.io import torch_save_atomic
+from curvature.linear_operator import as_matvec
 from curvature.seeding import generator
 
 Matvec = Callable[[torch.Tensor], torch.Tensor]
@@ -136,20 +137,27 @@ def random_start_vectors(dim: int, num_vectors: int = 1, kind: str = "gaussian",
     return v.to(dtype=dtype, device=torch.device(device))
 
 
-def lanczos(matvec: Matvec, dim: int, num_steps: int, num_vectors: int = 1,
+def lanczos(matvec: Any, dim: Optional[int] = None, num_steps: int = 100, num_vectors: int = 1,
             start_vectors: Optional[torch.Tensor] = None, seed: int = 0,
-            dtype: torch.dtype = torch.float64, device="cpu", start_kind: str = "gaussian",
+            dtype: Optional[torch.dtype] = None, device=None, start_kind: str = "gaussian",
             return_vectors: bool = False, return_basis: bool = False,
-            progress: bool = False, engine: str = "gpytorch", checkpoint: Checkpoint = None,
+            progress: bool = False, engine: str = "native", checkpoint: Checkpoint = None,
             checkpoint_every: int = 0, resume_state: Union[dict, str, Path, None] = None) -> LanczosResult:
     """Run ``num_steps`` Lanczos steps on the symmetric operator ``matvec`` from each start vector.
 
-    ``matvec`` maps a (dim,) or (dim, k) tensor to a tensor of the same shape. ``start_vectors``,
-    if given, is (dim, num_vectors) and need not be normalised; otherwise seeded vectors of
-    ``start_kind`` are drawn. One batched product per step for all vectors: ``num_steps + 1``
-    products with ``engine="gpytorch"``, ``num_steps`` with ``engine="native"``, fewer when the
-    Krylov space becomes invariant first. ``progress`` shows a tqdm bar of the steps.
+    ``matvec`` is a curvature operator (``op``), its ``op.matvec``, a dense symmetric tensor, or any
+    callable mapping a (dim,) or (dim, k) tensor to one of the same shape (then ``dim`` is needed;
+    :func:`curvature.linear_operator.as_matvec`). ``start_vectors``, if given, is (dim, num_vectors)
+    and need not be normalised; otherwise seeded vectors of ``start_kind`` are drawn. One batched
+    product per step for all vectors: ``num_steps + 1`` products with ``engine="gpytorch"``,
+    ``num_steps`` with ``engine="native"``, fewer when the Krylov space becomes invariant first.
+    ``progress`` shows a tqdm bar of the steps.
     ``return_vectors`` adds the Ritz vectors, ``return_basis`` the Lanczos basis.
+
+    Defaults are the command line's (``conf/analysis/spectrum.yaml``, ``conf/config.yaml``): 100 steps,
+    one gaussian start vector, seed 0, the native engine. ``dtype`` / ``device`` None: those of
+    ``start_vectors`` if given, else the operator's (``op.dtype`` / ``op.device``), else float64 on the
+    CPU (a plain closure); the products are taken in that dtype.
 
     Native engine only: ``checkpoint`` (a path, written atomically, or a callable taking the state
     dict) receives the state every ``checkpoint_every`` steps and once at the end; the state holds
@@ -157,6 +165,11 @@ def lanczos(matvec: Matvec, dim: int, num_steps: int, num_vectors: int = 1,
     RNG state. ``resume_state`` (such a dict or its file) continues from it: the result equals an
     uninterrupted run's (bit for bit on the same device). A state from a longer run is truncated.
     """
+    matvec, dim, own_dtype, own_device = as_matvec(matvec, dim)
+    if dtype is None:
+        dtype = start_vectors.dtype if start_vectors is not None else own_dtype
+    if device is None:
+        device = start_vectors.device if start_vectors is not None else own_device
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     if dim < 1:
@@ -389,6 +402,8 @@ def _load_state(source, dim: int, k: int, dtype: torch.dtype, v0: torch.Tensor) 
 
 def _gpytorch(matvec, v0, av0, scale, num_steps, dim, dtype, device, notes, progress):
     """GPyTorch's lanczos_tridiag on the scaled operator; per-vector truncation and reruns."""
+    from linear_operator.utils.lanczos import lanczos_tridiag  # here: the native engine does not need it
+
     k = v0.shape[1]
     max_iter = min(num_steps + 1, dim)
     bar = tqdm(total=max_iter, desc="Lanczos", unit="step", leave=False,
@@ -472,13 +487,15 @@ def _gpytorch(matvec, v0, av0, scale, num_steps, dim, dtype, device, notes, prog
 
 
 def _apply(matvec: Matvec, x: torch.Tensor) -> torch.Tensor:
-    """Apply matvec to a (dim, k) block; closures that only take vectors get one column at a time."""
+    """Apply matvec to a (dim, k) block; closures that only take vectors get one column at a time.
+    The product comes back in the block's dtype (an operator may compute in its own)."""
     try:
         out = matvec(x)
     except RuntimeError:
         if x.shape[1] == 1:
             raise
-        return torch.stack([matvec(x[:, j]) for j in range(x.shape[1])], dim=1)
+        out = torch.stack([matvec(x[:, j]) for j in range(x.shape[1])], dim=1)
+    out = out.to(x.dtype)
     if out.shape != x.shape:
         if out.dim() == 1 and x.shape[1] == 1:
             return out.unsqueeze(-1)

@@ -42,6 +42,7 @@ from curvature.errors import NumericalError, SuiteError
 from curvature.functional import BN_MODES, Hooked, curvature_mode, select_parameters
 from curvature.graph_cache import (CACHE_MEMORY_FRACTION, CACHE_MODES, GraphCache, OutOfMemory,
                                    free_memory_bytes)
+from curvature.linear_operator import SymmetricOperatorMixin
 from curvature.losses import as_loss, mse_loss
 from curvature.microbatch import operator_batch_product
 from curvature.routes import (LAYERWISE_CHECK_TOLERANCE, LAYERWISE_CHOICES, fastest_mode,
@@ -75,8 +76,11 @@ def loss_hessian_product(loss_fn: Callable, outputs: torch.Tensor, targets: torc
     return as_loss(loss_fn).hessian_product(outputs, targets, u)
 
 
-class CurvatureOperator:
+class CurvatureOperator(SymmetricOperatorMixin):
     """Base class: batching, batch weights, BatchNorm mode, parameter subsets, flat vectors; the product loop.
+
+    ``op @ v`` is ``op.matvec(v)``; ``op.to_scipy()`` is a ``scipy.sparse.linalg.LinearOperator``
+    (:mod:`curvature.linear_operator`); ``op.dtype`` and ``op.device`` are the parameters'.
 
     A subclass writes the curvature product of one mean-reduced batch loss: :meth:`_fresh_product`
     (primal recomputed), :meth:`_prepare` + :meth:`_cached_product` (primal kept per batch) and
@@ -217,8 +221,6 @@ class CurvatureOperator:
         self.num_products += 1
         self.product_seconds += time.perf_counter() - start
         return out.squeeze(1) if single else out
-
-    __matmul__ = matvec
 
     def batch_product(self, inputs, targets, params: dict, vectors: dict) -> dict:
         """Curvature of ``loss_fn(f(inputs), targets)`` times ``vectors`` ({name: (k, *shape)}).
@@ -404,12 +406,20 @@ class GGNOperator(CurvatureOperator):
         return self._cached_product(graph, targets, vectors)
 
 
-OPERATORS = {"hessian": HessianOperator, "ggn": GGNOperator}
+def _fisher(*args, **kwargs) -> CurvatureOperator:
+    from curvature.fisher import FisherOperator  # it subclasses this module's base class: imported late
+    return FisherOperator(*args, **kwargs)
+
+
+OPERATORS = {"hessian": HessianOperator, "ggn": GGNOperator, "fisher": _fisher}
+#: options only one operator takes (callers pass them whatever the name); the others drop them
+_OPTION_OWNERS = {"mode": "hessian", "kind": "fisher", "mc_samples": "fisher", "seed": "fisher"}
 
 
 def make_operator(name: str, model: nn.Module, loss_fn: Callable, batches, **kwargs) -> CurvatureOperator:
     if name not in OPERATORS:
         raise ValueError(f"unknown operator {name!r}: choose one of {', '.join(OPERATORS)}")
-    if name != "hessian":
-        kwargs.pop("mode", None)
+    for key, owner in _OPTION_OWNERS.items():
+        if name != owner:
+            kwargs.pop(key, None)
     return OPERATORS[name](model, loss_fn, batches, **kwargs)
