@@ -17,7 +17,6 @@ The names below load their module on first use, so ``import curvature`` costs wh
 from __future__ import annotations
 
 import importlib
-import importlib.util
 
 __version__ = "0.1.0"
 
@@ -71,12 +70,6 @@ _EXPORTS = {
     "marchenko_pastur_atom": "curvature.random_matrices",
 }
 
-# Modules written alongside this API: their names are public only where the module is present.
-_OPTIONAL = ("curvature.fisher", "curvature.trace", "curvature.top_eigen", "curvature.solve")
-for _module in _OPTIONAL:
-    if importlib.util.find_spec(_module) is None:
-        _EXPORTS = {name: where for name, where in _EXPORTS.items() if where != _module}
-
 __all__ = ["__version__", *_EXPORTS]
 
 
@@ -99,5 +92,4 @@ def __dir__() -> list[str]:
 # `from curvature.lanczos import ...` (`import curvature.lanczos as m` also gives the function).
 from curvature.lanczos import lanczos  # noqa: E402
 
-if "solve" in _EXPORTS:
-    from curvature.solve import solve  # noqa: E402
+from curvature.solve import solve  # noqa: E402
