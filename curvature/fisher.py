@@ -222,12 +222,9 @@ class FisherOperator(CurvatureOperator):
         cache = self.graph_cache
         if not (cache.enabled and cache.owns(inputs)):
             return None
-        key = (cache._state_key(), versions(inputs), targets._version)
-        entry = cache.graphs.get(id(inputs))
-        if entry is not None and entry[0] is inputs and entry[1] is targets and entry[2] == key:
-            return entry[3]
-        if entry is not None or (cache.graphs and next(iter(cache.graphs.values()))[2][0] != key[0]):
-            cache.clear()  # weights or data changed: every kept matrix is stale
+        kept, key = cache.lookup(inputs, targets)
+        if kept is not None:
+            return kept
         rows = int(targets.numel() if isinstance(self.loss, CrossEntropy) and not targets.is_floating_point()
                    else targets.shape[0]) * self.mc_samples
         size = rows * self.num_params * _itemsize(self.dtype)

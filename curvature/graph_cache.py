@@ -65,6 +65,16 @@ class GraphCache:
         """Identity and version of every parameter and buffer: any in-place update changes it."""
         return tuple((id(t), t._version) for t in (*self.model.parameters(), *self.model.buffers()))
 
+    def lookup(self, inputs, targets) -> tuple[Optional[tuple], tuple]:
+        """``(what is kept for this batch or None, the batch's key)``; a stale store is cleared first."""
+        key = (self._state_key(), versions(inputs), targets._version)
+        entry = self.graphs.get(id(inputs))
+        if entry is not None and entry[0] is inputs and entry[1] is targets and entry[2] == key:
+            return entry[3], key
+        if entry is not None or (self.graphs and next(iter(self.graphs.values()))[2][0] != key[0]):
+            self.clear()  # weights or data changed: everything kept is stale
+        return None, key
+
     def get(self, inputs, targets, build: Callable[[], tuple]) -> Optional[tuple]:
         """The batch's graph: kept, or built by ``build()`` (and kept when the budget allows).
 
@@ -72,12 +82,9 @@ class GraphCache:
         """
         if not (self.enabled and self.owns(inputs)):
             return None
-        key = (self._state_key(), versions(inputs), targets._version)
-        entry = self.graphs.get(id(inputs))
-        if entry is not None and entry[0] is inputs and entry[1] is targets and entry[2] == key:
-            return entry[3]
-        if entry is not None or (self.graphs and next(iter(self.graphs.values()))[2][0] != key[0]):
-            self.clear()  # weights or data changed: every graph is stale
+        kept, key = self.lookup(inputs, targets)
+        if kept is not None:
+            return kept
         shared = {_storage(t) for t in (*self.model.parameters(), *self.model.buffers(), *tensors_in(inputs), targets)}
         storages: dict[int, int] = {}
 

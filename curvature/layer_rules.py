@@ -217,8 +217,19 @@ class GELURule(SmoothActivationRule):
     ``s'' = (1 - t^2) (u' + x (u'' - 2 t u'^2) / 2)``."""
 
     def activation(self, x):
-        """``(y, (s', s''))``: the derivatives (an ``erf`` and ``exp`` or a ``tanh`` each) once per batch."""
-        return F.gelu(x, approximate=self.layer.approximate), self._derivatives(x)
+        """``(y, (s', s'', kept))``: the derivatives (an ``erf`` and ``exp`` or a ``tanh`` each) once per
+        batch; ``kept`` holds ``s'' g_y`` of the batch's output gradient (:func:`_kept`)."""
+        return F.gelu(x, approximate=self.layer.approximate), (*self._derivatives(x), {})
+
+    def r_backward(self, rg, g, rx, x, aux, p, v, want, need_input):
+        """``s' R{g_y} + (s'' g_y) R{x}``: ``s'' g_y`` is the same in every product of a batch, so one
+        multiplication and one fused multiply-add per product."""
+        if not need_input:
+            return None, {}
+        result = rg * aux[0]
+        if rx is None:
+            return result, {}
+        return result.addcmul_(_kept(aux[2], "g", (g,), lambda: aux[1] * g), rx), {}
 
     def first(self, x, aux):
         return aux[0]
@@ -557,7 +568,7 @@ class LayerNormRule(LayerRule):
         def terms():
             dims = self._dims(rx)
             k = (xhat * rx).mean(dims, keepdim=True)
-            return torch.addcmul(rx - rx.mean(dims, keepdim=True), xhat, k, value=-1.0) * scale, k
+            return (rx - rx.mean(dims, keepdim=True)).addcmul_(xhat, k, value=-1.0).mul_(scale), k
         return _kept(kept, "r", (rx,), terms)
 
     def _normalise_backward(self, a, xhat, scale):
@@ -578,13 +589,13 @@ class LayerNormRule(LayerRule):
     def r_forward(self, rx, x, aux, p, v):
         xhat = aux[0]
         out = None
-        if rx is not None:
-            out = self._r_xhat(rx, aux)[0]
-            out = out * p["weight"] if "weight" in p else out
+        if rx is not None:  # a fresh buffer (R{xhat} is kept for the R-backward), the other terms added in place
+            rxhat = self._r_xhat(rx, aux)[0]
+            out = rxhat * p["weight"] if "weight" in p else rxhat.clone()
         if "weight" in v:
-            out = xhat * v["weight"] if out is None else torch.addcmul(out, xhat, v["weight"])
+            out = xhat * v["weight"] if out is None else out.addcmul_(xhat, v["weight"])
         if "bias" in v:
-            out = (v["bias"].expand_as(xhat).contiguous()) if out is None else out + v["bias"]
+            out = (v["bias"].expand_as(xhat).contiguous()) if out is None else out.add_(v["bias"])
         return out
 
     def backward_input(self, g, x, aux, p):
@@ -606,22 +617,28 @@ class LayerNormRule(LayerRule):
         rxhat, k = (None, None) if rx is None else self._r_xhat(rx, aux)
         kept.pop("r", None)  # this product's R-forward terms: read for the last time here
         grads = {}
+        lead = self._lead(g)
         if "weight" in want:
-            grads["weight"] = (rg * xhat if rxhat is None else torch.addcmul(rg * xhat, g, rxhat)).sum(self._lead(g))
+            grads["weight"] = (rg * xhat if rxhat is None else torch.addcmul(rg * xhat, g, rxhat)).sum(lead)
         if "bias" in want:
-            grads["bias"] = rg.sum(self._lead(g))
+            grads["bias"] = rg.sum(lead)
         if not need_input:
             return None, grads
-        ra = rg * p["weight"] if "weight" in p else rg
+        # R{g_x} = s (R{a} - E R{a} - xhat (E[R{a} xhat] + E[a R{xhat}]) - k g_x - E[a xhat] R{xhat}), each
+        # term a per-row multiple of one tensor, accumulated in place in the fresh buffer R{a}
+        dims = self._dims(g)
+        ra = rg * p["weight"] if "weight" in p else rg.clone()
         if "weight" in v:
-            ra = ra.addcmul_(g, v["weight"]) if "weight" in p else torch.addcmul(ra, g, v["weight"])
-        result = self._normalise_backward(ra, xhat, scale)
-        if rxhat is not None:  # + (R{s} / s) g_x - s (R{xhat} E[a xhat] + xhat E[a R{xhat}]), R{s} / s = -s k
+            ra.addcmul_(g, v["weight"])
+        e_ra = ra.mean(dims, keepdim=True)
+        c_xhat = (ra * xhat).mean(dims, keepdim=True)
+        if rxhat is not None:
             a, g_x, e_a_xhat = self._primal_backward(g, aux, p)
-            inner = torch.addcmul(rxhat * e_a_xhat, g_x, k)
-            inner.addcmul_(xhat, (a * rxhat).mean(self._dims(g), keepdim=True))
-            result.addcmul_(inner, scale, value=-1.0)
-        return result, grads
+            c_xhat.add_((a * rxhat).mean(dims, keepdim=True))
+        ra.sub_(e_ra).addcmul_(xhat, c_xhat, value=-1.0)
+        if rxhat is not None:
+            ra.addcmul_(g_x, k, value=-1.0).addcmul_(rxhat, e_a_xhat, value=-1.0)
+        return ra.mul_(scale), grads
 
 
 class EmbeddingRule(LayerRule):
@@ -727,24 +744,39 @@ class MultiheadAttentionRule(LayerRule):
                                                                            "o": o}
 
     def _r_qkv(self, rx, x, p, v) -> Optional[list]:
-        """``R{Q}, R{K}, R{V}`` by heads, or None (zero)."""
-        terms = [] if rx is None else [F.linear(rx, p["in_proj_weight"])]
-        if "in_proj_weight" in v:
-            terms.append(F.linear(x, v["in_proj_weight"], v.get("in_proj_bias")))
-        elif "in_proj_bias" in v:
-            terms.append(v["in_proj_bias"].expand(*x.shape[:-1], -1))
-        if not terms:
-            return None
-        r = terms[0] if len(terms) == 1 else terms[0] + terms[1]
-        return [self._heads(t) for t in r.chunk(3, -1)]
+        """``R{Q}, R{K}, R{V}`` by heads, or None (zero): the terms accumulated in one buffer (addmm)."""
+        out = None
+        for inputs, weight in ((x, v.get("in_proj_weight")), (rx, p["in_proj_weight"])):
+            if inputs is None or weight is None:
+                continue
+            if out is not None:
+                out.addmm_(_rows(inputs), weight.T)
+            elif "in_proj_bias" in v:
+                out = torch.addmm(v["in_proj_bias"], _rows(inputs), weight.T)
+            else:
+                out = _rows(inputs) @ weight.T
+        if out is None:
+            if "in_proj_bias" not in v:
+                return None
+            out = v["in_proj_bias"].expand(x.shape[:-1].numel(), -1)
+        return self._split_heads(out.view(*x.shape[:-1], -1))
+
+    def _split_heads(self, t) -> list:
+        """``(..., T, 3 E)`` as three contiguous ``(..., h, T, d)`` tensors, in one copy."""
+        heads = self.layer.num_heads
+        t = t.unflatten(-1, (3, heads, -1)).movedim(-3, 0).transpose(-3, -2).contiguous()
+        return list(t.unbind(0))
 
     def _r_attention(self, rqkv, aux) -> tuple:
-        """``R{P}`` and ``R{O}`` (heads merged)."""
-        rq, rk, rv = rqkv
-        q, k, v, prob = aux["q"], aux["k"], aux["v"], aux["prob"]
-        prs = prob * ((rq @ k.transpose(-2, -1) + q @ rk.transpose(-2, -1)) * self.scale)
-        rp = prs - prob * prs.sum(-1, keepdim=True)
-        return rp, self._merge(rp @ v + prob @ rv)
+        """``R{P}`` and ``R{O}`` (heads merged), accumulated in place on fresh buffers (baddbmm, addcmul)."""
+        rq, rk, rv = (_b3(t) for t in rqkv)
+        q, k, v, prob = _b3(aux["q"]), _b3(aux["k"]), _b3(aux["v"]), _b3(aux["prob"])
+        prs = torch.bmm(rq, k.transpose(-2, -1)).baddbmm_(q, rk.transpose(-2, -1), beta=self.scale,
+                                                          alpha=self.scale).mul_(prob)
+        rp = prs.addcmul_(prob, prs.sum(-1, keepdim=True), value=-1.0)
+        ro = torch.bmm(rp, v).baddbmm_(prob, rv)
+        shape = aux["prob"].shape
+        return rp.view(shape), self._merge(ro.view(*shape[:-1], -1))
 
     def _r_terms(self, rx, x, aux, p, v) -> tuple:
         """``(R{[QKV]}, R{P}, R{O})`` (Nones: zero), kept from this product's R-forward for its R-backward."""
@@ -801,39 +833,51 @@ class MultiheadAttentionRule(LayerRule):
         return (gqkv @ p["in_proj_weight"] if need_input else None), self._grads(g, gqkv, x, aux["o"], want)
 
     def r_backward(self, rg, g, rx, x, aux, p, v, want, need_input):
-        q, k, vv, prob = aux["q"], aux["k"], aux["v"], aux["prob"]
+        shape = aux["prob"].shape
+        q, k, vv, prob = _b3(aux["q"]), _b3(aux["k"]), _b3(aux["v"]), _b3(aux["prob"])
         go, gp, centred, gs, gqkv = self._primal_backward(g, aux, p)
+        go, gp, centred, gs = _b3(go), _b3(gp), _b3(centred), _b3(gs)
         rqkv, rp, ro = self._r_terms(rx, x, aux, p, v)
         aux.pop("r", None)
         grads = self._grads(rg, None, x, aux["o"], want - _IN_PROJ)
         if "out_proj.weight" in want and ro is not None:
-            grads["out_proj.weight"] = grads["out_proj.weight"] + _rows(g).T @ _rows(ro)
+            grads["out_proj.weight"].addmm_(_rows(g).T, _rows(ro))
         if not (need_input or want & _IN_PROJ):
             return None, grads
-        rgo = rg @ p["out_proj.weight"]
+        rgo = _rows(rg) @ p["out_proj.weight"]
         if "out_proj.weight" in v:
-            rgo = rgo + g @ v["out_proj.weight"]
-        rgo = self._heads(rgo)
-        rgp, rgv = rgo @ vv.transpose(-2, -1), prob.transpose(-2, -1) @ rgo
+            rgo.addmm_(_rows(g), v["out_proj.weight"])
+        rgo = _b3(self._heads(rgo.view(rg.shape)))
+        rgp, rgv = torch.bmm(rgo, vv.transpose(-2, -1)), torch.bmm(prob.transpose(-2, -1), rgo)
         if rqkv is not None:
-            rgp, rgv = rgp + go @ rqkv[2].transpose(-2, -1), rgv + rp.transpose(-2, -1) @ go
+            rq, rk, rv = (_b3(t) for t in rqkv)
+            rp = _b3(rp)
+            rgp.baddbmm_(go, rv.transpose(-2, -1))
+            rgv.baddbmm_(rp.transpose(-2, -1), go)
         rows = (prob * rgp).sum(-1, keepdim=True)
         if rp is not None:
-            rows = rows + (rp * gp).sum(-1, keepdim=True)
-        rgs = prob * (rgp - rows)
+            rows.add_((rp * gp).sum(-1, keepdim=True))
+        rgs = rgp.sub_(rows).mul_(prob)  # R{g_S}, in R{g_P}'s buffer (not read again)
         if rp is not None:
             rgs.addcmul_(rp, centred)
-        rgq, rgk = rgs @ k, rgs.transpose(-2, -1) @ q
+        rgq, rgk = torch.bmm(rgs, k), torch.bmm(rgs.transpose(-2, -1), q)
         if rqkv is not None:
-            rgq, rgk = rgq + gs @ rqkv[1], rgk + gs.transpose(-2, -1) @ rqkv[0]
-        rgqkv = torch.cat([self._merge(rgq * self.scale), self._merge(rgk * self.scale), self._merge(rgv)], -1)
+            rgq.baddbmm_(gs, rk, beta=self.scale, alpha=self.scale)
+            rgk.baddbmm_(gs.transpose(-2, -1), rq, beta=self.scale, alpha=self.scale)
+        else:
+            rgq.mul_(self.scale)
+            rgk.mul_(self.scale)
+        heads = shape[:-1] + (-1,)
+        rgqkv = torch.stack([t.view(heads).transpose(-3, -2) for t in (rgq, rgk, rgv)], -3).flatten(-3)
         grads.update(self._grads(None, rgqkv, x, None, want & _IN_PROJ))
         if "in_proj_weight" in want and rx is not None:
-            grads["in_proj_weight"] = grads["in_proj_weight"] + _rows(gqkv).T @ _rows(rx)
+            grads["in_proj_weight"].addmm_(_rows(gqkv).T, _rows(rx))
         if not need_input:
             return None, grads
-        gi = rgqkv @ p["in_proj_weight"]
-        return (gi + gqkv @ v["in_proj_weight"] if "in_proj_weight" in v else gi), grads
+        gi = _rows(rgqkv) @ p["in_proj_weight"]
+        if "in_proj_weight" in v:
+            gi.addmm_(_rows(gqkv), v["in_proj_weight"])
+        return gi.view(x.shape), grads
 
 
 #: layer types and their rules; the first entry whose types match a layer is its rule
@@ -880,6 +924,11 @@ def _kept(kept: dict, slot: str, key: tuple, terms: Callable):
     value = terms()
     kept[slot] = (key, value)
     return value
+
+
+def _b3(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``(..., T, S)`` as ``(batch, T, S)`` for bmm/baddbmm (a view of the contiguous tensors the rules make)."""
+    return None if t is None else t.reshape(-1, *t.shape[-2:])
 
 
 def _bshape(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""The discrete spectral measure: moments, averaging, histograms, smoothing, distances, summary.
+"""The discrete spectral measure: moments, averaging, histograms, smoothing, distances, summary,
+and the standard errors of these quantities over start vectors (:func:`uncertainty`).
 
 Conventions (``shared/PAPER.md``): a measure is a set of nodes with non-negative weights summing to
 one. The Lanczos measure of a unit start vector ``v`` has the Ritz values as nodes and the squared
@@ -51,6 +52,11 @@ class SpectralMeasure:
                                 result.ritz_weights[i][result.mask[i]]) for i in rows])
 
     @classmethod
+    def per_vector(cls, result: LanczosResult) -> list["SpectralMeasure"]:
+        """The Gauss quadrature measure of each start vector, in order (the input of :func:`uncertainty`)."""
+        return [cls.from_lanczos(result, vector=i) for i in range(result.num_vectors)]
+
+    @classmethod
     def average(cls, measures: Sequence["SpectralMeasure"]) -> "SpectralMeasure":
         """Equal-weight mixture of measures (the average over start vectors)."""
         if not measures:
@@ -76,6 +82,10 @@ class SpectralMeasure:
         """Weight of the nodes in the closed interval [lower, upper]."""
         inside = (self.nodes >= lower) & (self.nodes <= upper)
         return float(self.weights[inside].sum())
+
+    def mass_below(self, x: float) -> float:
+        """Weight of the nodes strictly below ``x``: the CDF just left of ``x`` (``x = 0``: negative mass)."""
+        return float(self.weights[self.nodes < x].sum())
 
     def mass_near(self, value: float, tol: float) -> float:
         """Weight of the nodes with |node - value| <= tol."""
@@ -137,7 +147,7 @@ class SpectralMeasure:
         return {
             "max_ritz_value": float(nodes.max()),
             "min_ritz_value": float(nodes.min()),
-            "negative_count": int(negative.sum()),
+            "negative_ritz_count": int(negative.sum()),  # Ritz values, not eigenvalues
             "negative_weight": float(weights[negative].sum()),
             "normalised_trace": float((weights * nodes).sum()),
         }
@@ -166,3 +176,71 @@ def relative_moment_errors(measure: SpectralMeasure, eigenvalues, k_max: int = 4
     if rho == 0:
         rho = 1.0
     return {k: abs(measure.moment(k) - exact.moment(k)) / rho ** k for k in range(1, k_max + 1)}
+
+
+ONE_VECTOR_NOTE = "one start vector: no interval"
+EXTREME_NOTE = ("the extreme Ritz value over vectors; each vector's is a bound on the extreme eigenvalue "
+                "(largest: a lower bound on lambda_max, smallest: an upper bound on lambda_min), so the "
+                "interval is about this estimator's mean, not the eigenvalue")
+
+
+def uncertainty(measures: Sequence[SpectralMeasure], cdf_points: Iterable[float] = (),
+                intervals: dict[str, tuple[float, float]] | None = None) -> dict[str, dict]:
+    """Mean over start vectors, standard error and 95% Student-t interval of the spectral quantities.
+
+    ``measures`` holds one measure per start vector (:meth:`SpectralMeasure.per_vector`). Each row
+    of the result (keyed by quantity) has ``value`` (what the averaged measure reports), ``mean`` and
+    ``per_vector`` values, ``stderr`` (sample standard deviation over the k vectors / sqrt(k)),
+    ``ci95_low`` / ``ci95_high`` (``mean +- t_{0.975, k-1} stderr``), ``num_vectors`` and a ``note``.
+    Quantities: ``normalised_trace`` (= m_1) and ``moment2`` .. ``moment4``; ``negative_mass`` (weight
+    of nodes < 0); ``mass_below_<x>`` for each x in ``cdf_points``; ``mass_<name>`` for each closed
+    interval in ``intervals`` (e.g. ``{"near_zero": (-tol, tol)}``); ``max_ritz_value`` and
+    ``min_ritz_value``, whose ``value`` is the extreme over vectors and whose row adds ``spread``
+    (max - min of the per-vector extremes) and an interval about the per-vector extreme's mean.
+
+    How the interval is formed: for a start vector v, the Gauss quadrature sum_j w_j f(theta_j)
+    equals u^T f(A) u with u = v / |v| (exactly for f a polynomial of degree < 2m, up to the
+    quadrature error otherwise), and for a Gaussian v (u uniform on the sphere) or a Rademacher one
+    (|v|^2 = P fixed) u^T f(A) u is an unbiased estimate of (1/P) tr f(A). The k vectors give k
+    independent, identically distributed estimates; the interval is the Student-t one on k - 1
+    degrees of freedom. It holds when the start vectors are independent (the seeded
+    draw of :func:`~curvature.lanczos.random_start_vectors`) and k is not tiny, and covers only the
+    sampling spread over vectors: the Lanczos quadrature error (for masses and extremes, not for
+    moments below 2m) is not in it, small when ``num_steps`` is large enough to resolve the
+    quantity. An extreme Ritz value is a biased estimator of the extreme eigenvalue, so its interval
+    says how much the estimator moves between vectors, not where the eigenvalue lies.
+
+    With one vector (k = 1) every row carries the value with ``stderr``, ``ci95_low`` and
+    ``ci95_high`` None and the note ``"one start vector: no interval"``.
+    """
+    if not measures:
+        raise ValueError("uncertainty needs at least one start vector's measure")
+    per_vector = {"normalised_trace": [m.moment(1) for m in measures]}
+    per_vector.update({f"moment{k}": [m.moment(k) for m in measures] for k in range(2, 5)})
+    per_vector["negative_mass"] = [m.mass_below(0.0) for m in measures]
+    per_vector.update({f"mass_below_{x:g}": [m.mass_below(x) for m in measures] for x in cdf_points})
+    per_vector.update({f"mass_{name}": [m.mass_where(lo, hi) for m in measures]
+                       for name, (lo, hi) in (intervals or {}).items()})
+    notes = {"normalised_trace": "m_1 = (1/P) tr A",
+             "negative_mass": "weight of nodes < 0; the Ritz value of an eigenvalue at 0 can land just "
+                              "below 0 (quadrature error, not in the interval): compare the mass near 0"}
+    rows = {name: _row(values, sum(values) / len(values), notes.get(name, ""))
+            for name, values in per_vector.items()}
+    for name, pick in (("max_ritz_value", max), ("min_ritz_value", min)):
+        extremes = [float(pick(m.nodes[m.weights > 0])) for m in measures]
+        rows[name] = {**_row(extremes, pick(extremes), EXTREME_NOTE),
+                      "spread": max(extremes) - min(extremes)}
+    return rows
+
+
+def _row(values: list[float], value: float, note: str) -> dict:
+    k = len(values)
+    row = {"value": value, "mean": sum(values) / k, "per_vector": list(values), "num_vectors": k}
+    if k < 2:
+        return {**row, "stderr": None, "ci95_low": None, "ci95_high": None,
+                "note": f"{note}; {ONE_VECTOR_NOTE}" if note else ONE_VECTOR_NOTE}
+    from scipy.stats import t as student_t
+    stderr = float(torch.tensor(values, dtype=torch.float64).std(unbiased=True)) / math.sqrt(k)
+    half = float(student_t.ppf(0.975, k - 1)) * stderr
+    return {**row, "stderr": stderr, "ci95_low": row["mean"] - half, "ci95_high": row["mean"] + half,
+            "note": note}

@@ -4,7 +4,9 @@ On an image (or text) dataset it takes the Hessian / GGN of a network (:mod:`exp
 On a matrix dataset (``wigner``, ``marchenko_pastur``, ``synthetic_spectrum``) it runs Lanczos on the
 dense matrix, computes the exact eigenvalues when the matrix is small enough, and reports the
 checks of PAPER.md for fig2, fig3, fig4 and fig6: support, moments, mass at zero, outlier recovery,
-the diagonal baseline and 1-Wasserstein distances.
+the diagonal baseline and 1-Wasserstein distances; with two or more start vectors, standard errors and
+95% intervals over vectors for each ``analysis.report_steps`` (table ``uncertainty``, metrics
+``<quantity>_stderr_m<m>``).
 
     python -m experiments.run experiment=fig2
 """
@@ -21,7 +23,7 @@ from experiments import lanczos_state
 from experiments import validate as V
 from experiments.matrices import build_matrix, validate_matrix_dataset
 from experiments.runtime import Run
-from experiments.spectrum_network import run_network, validate_network
+from experiments.spectrum_network import record_uncertainty, run_network, validate_network
 
 # analysis.exact_max_dim=auto on a matrix dataset: the matrix is already in memory and eigh of a
 # 4000 x 4000 one takes seconds, next to Lanczos's own; networks decide from measured cost instead.
@@ -118,6 +120,10 @@ def _record(run: Run, s: dict, problem, result, measures, exact, diagonal) -> No
         run.array(f"stem_weights_m{m}", measure.weights)
         for key, value in measure.summary().items():
             run.metric(f"{key}_m{m}", value)
+    errors = [row for m in measures for row in record_uncertainty(
+        run, result.truncated(m), tol["zero_node"], suffix=f"_m{m}", num_steps=m)]
+    if errors:
+        run.table("uncertainty", errors)
 
     final = max(measures)
     rho = float(exact.abs().max()) if exact is not None else float(result.ritz_values.abs().max())

@@ -6,7 +6,9 @@
 Loads a training checkpoint (or the initial weights), builds each operator over the chosen split
 (``dataset.num_subsamples`` gives a seeded subset), runs Lanczos, and saves Ritz values, weights,
 residual bounds, the stem summary, seconds per Lanczos iteration and peak memory (the paper's
-"Computational Cost" paragraph), and with ``analysis.save_ritz_vectors=true`` the Ritz vectors in
+"Computational Cost" paragraph), with two or more start vectors the standard errors and 95% intervals
+over vectors (table ``uncertainty``, metrics ``<operator>_<quantity>_stderr`` / ``_ci95_low`` /
+``_ci95_high``; see :func:`curvature.spectrum.uncertainty`), and with ``analysis.save_ritz_vectors=true`` the Ritz vectors in
 ``ritz_vectors_<operator>.pt``: a dict with ``ritz_values`` (k, m), ``ritz_vectors`` (k, m, P),
 ``param_names``, ``param_shapes``, ``num_params``, ``model`` (the model config) and ``checkpoint``,
 which the landscape analysis reads. Small models also get the exact eigenvalues from the dense
@@ -34,7 +36,7 @@ from curvature.io import torch_save_atomic
 from curvature.lanczos import lanczos
 from curvature.microbatch import describe_splits
 from curvature.operators import CACHE_MODES, OPERATORS, make_operator
-from curvature.spectrum import SpectralMeasure
+from curvature.spectrum import SpectralMeasure, uncertainty
 from curvature.training import peak_memory_bytes
 from experiments import blocks as B
 from experiments import lanczos_state
@@ -104,15 +106,21 @@ def validate_network(cfg: DictConfig, common: dict) -> dict:
     return settings
 
 
-def run_network(run: Run) -> dict:
-    s = run.settings
-    states = lanczos_state.load_states(run, s["operator"]["names"])  # resume=true: before any work
+def network_data(run: Run, s: dict) -> tuple:
+    """``(model, data, batches)`` of a network analysis: the weights (noted), the ``data_split`` and its
+    batches of ``operator.batch_size`` in a fixed order without augmentation."""
     splits = load_data(s["dataset"], run.device, run.seed)
     model = build_network(s["model"], splits, run.device, run.dtype, s["checkpoint"])
     run.note(f"weights: {s['checkpoint'] or 'initial (seed ' + str(run.seed) + ')'}")
     data = splits.train if s["data_split"] == "train" else splits.test
+    return model, data, list(data.batches(s["operator"]["batch_size"], dtype=run.dtype))
+
+
+def run_network(run: Run) -> dict:
+    s = run.settings
+    states = lanczos_state.load_states(run, s["operator"]["names"])  # resume=true: before any work
+    model, data, batches = network_data(run, s)
     o = s["operator"]
-    batches = list(data.batches(o["batch_size"], dtype=run.dtype))  # fixed order, no augmentation
     samples = _data_record(run, s, data, batches) if run.is_main else None  # before sharding: all samples
     if run.dist_info:  # whole batches per rank, so BatchNorm train mode sees the same batches
         batches = shard(batches, run.rank, run.world_size)
@@ -120,7 +128,7 @@ def run_network(run: Run) -> dict:
     loss_fn = build_loss(o)
     blocks = B.groups(s, model)  # before any Lanczos work: a bad group fails at once
     V.parameter_names(model, o["params"])  # so is a glob list matching no parameter
-    cost, panels, block_rows = [], [], []
+    cost, panels, block_rows, error_rows = [], [], [], []
     for name in o["names"]:
         op = make_operator(name, model, loss_fn, batches, bn_mode=o["bn_mode"], params=o["params"],
                            mode=o["hvp_mode"], check_deterministic=o["check_deterministic"], cache=o["cache"],
@@ -169,6 +177,8 @@ def run_network(run: Run) -> dict:
         cost[-1].update(exact_cost)
         run.metric(f"{name}_exact_seconds", exact_cost["exact_seconds"])
         _record(run, s, name, op, model, result, measure, exact)
+        error_rows += record_uncertainty(run, result, s["tolerances"]["zero_node"], prefix=f"{name}_",
+                                         label=f"{name}: ", operator=name)
         panels.append((name, measure, exact))
         if blocks is not None:  # through this operator's products: the blocks share its primal cache
             block_rows += B.run_blocks(run, name, op, measure, blocks)
@@ -179,12 +189,33 @@ def run_network(run: Run) -> dict:
     run.table("cost", cost)
     if block_rows:
         run.table("blocks", block_rows)
+    if error_rows:
+        run.table("uncertainty", error_rows)
     run.figure(_draw(panels, s, has_batch_norm(model)), "spectrum")
     results = run.finish(lanczos={"num_steps": s["num_steps"], "num_vectors": s["num_vectors"],
                                   "engine": s["lanczos_engine"]},
                          operator={**o, "names": o["names"]}, checkpoint=s["checkpoint"], data=samples)
     lanczos_state.remove_states(run, o["names"])
     return results
+
+
+def record_uncertainty(run: Run, result, zero_node: float, prefix: str = "", suffix: str = "",
+                       label: str = "", **keys) -> list[dict]:
+    """Metrics ``<prefix><quantity>_{stderr,ci95_low,ci95_high}<suffix>`` and the ``uncertainty`` table's
+    rows (``keys`` prepended) for :func:`curvature.spectrum.uncertainty` over the start vectors of
+    ``result``; mass near zero: nodes with |node| <= ``zero_node`` x the largest |Ritz value|. One
+    start vector: a note instead, and no rows."""
+    if result.num_vectors < 2:
+        run.note(f"{label}normalised_trace from one start vector has no error estimate (one start vector: "
+                 "no interval); analysis.num_vectors >= 2 gives standard errors and 95% intervals")
+        return []
+    measures = SpectralMeasure.per_vector(result)
+    near = zero_node * max(float(m.nodes.abs().max()) for m in measures)
+    rows = uncertainty(measures, intervals={"near_zero": (-near, near)})
+    for quantity, row in rows.items():
+        for key in ("stderr", "ci95_low", "ci95_high"):
+            run.metric(f"{prefix}{quantity}_{key}{suffix}", row[key])
+    return [{**keys, "quantity": quantity, **row} for quantity, row in rows.items()]
 
 
 def _exact_eigenvalues(run: Run, s: dict, name: str, op, lanczos_seconds: float):

@@ -35,10 +35,10 @@ from curvature.operators import make_operator
 from curvature.top_eigen import CRITERIA, WHICH, power_iteration, select, top_eigenpairs
 from experiments import validate as V
 from experiments.loss_config import build_loss
-from experiments.networks import (build_network, checkpoint_path, load_data, require_trained,
+from experiments.networks import (checkpoint_path, require_trained,
                                   validate_image_dataset, validate_model)
 from experiments.runtime import Run
-from experiments.spectrum_network import validate_operator
+from experiments.spectrum_network import network_data, validate_operator
 
 
 def validate(cfg: DictConfig) -> dict:
@@ -68,11 +68,7 @@ def validate(cfg: DictConfig) -> dict:
 def run(cfg: DictConfig) -> dict:
     with Run(cfg, "top_eigen", validate=validate) as run:
         s, o = run.settings, run.settings["operator"]
-        splits = load_data(s["dataset"], run.device, run.seed)
-        model = build_network(s["model"], splits, run.device, run.dtype, s["checkpoint"])
-        run.note(f"weights: {s['checkpoint'] or 'initial (seed ' + str(run.seed) + ')'}")
-        data = splits.train if s["data_split"] == "train" else splits.test
-        batches = list(data.batches(o["batch_size"], dtype=run.dtype))  # fixed order, no augmentation
+        model, data, batches = network_data(run, s)
         loss_fn = build_loss(o)
         run.metric("num_samples", len(data))
         rows = []

@@ -38,11 +38,11 @@ from curvature.trace import DISTRIBUTIONS, hutchinson, hutchpp, slq_trace
 from experiments import validate as V
 from experiments.loss_config import build_loss, is_plain
 from experiments.matrices import build_matrix, validate_matrix_dataset
-from experiments.networks import (build_network, checkpoint_path, load_data, require_trained,
+from experiments.networks import (checkpoint_path, require_trained,
                                   validate_image_dataset, validate_model)
 from experiments.peer_trace import PEERS, peer_traces
 from experiments.runtime import Run
-from experiments.spectrum_network import _data_record, validate_operator
+from experiments.spectrum_network import _data_record, network_data, validate_operator
 
 METHODS = ("hutchinson", "hutchpp", "slq")
 
@@ -103,12 +103,8 @@ def run(cfg: DictConfig) -> dict:
 
 
 def _network(run: Run, s: dict) -> tuple[list[dict], dict]:
-    splits = load_data(s["dataset"], run.device, run.seed)
-    model = build_network(s["model"], splits, run.device, run.dtype, s["checkpoint"])
-    run.note(f"weights: {s['checkpoint'] or 'initial (seed ' + str(run.seed) + ')'}")
-    data = splits.train if s["data_split"] == "train" else splits.test
+    model, data, batches = network_data(run, s)
     o = s["operator"]
-    batches = list(data.batches(o["batch_size"], dtype=run.dtype))  # fixed order, no augmentation
     record = _data_record(run, s, data, batches)
     run.metric("num_samples", len(data))
     loss_fn = build_loss(o)

@@ -16,7 +16,7 @@ def test_moments_mass_and_summary_of_a_known_measure():
     assert mu.moments(3) == pytest.approx([1.0, 0.75, 2.25, 3.75])
     assert mu.mass_near(0.0, 1e-9) == pytest.approx(0.25)
     assert mu.support() == (-1.0, 2.0)
-    assert mu.summary() == {"max_ritz_value": 2.0, "min_ritz_value": -1.0, "negative_count": 1,
+    assert mu.summary() == {"max_ritz_value": 2.0, "min_ritz_value": -1.0, "negative_ritz_count": 1,
                             "negative_weight": 0.25, "normalised_trace": 0.75}
 
 

@@ -150,7 +150,8 @@ def test_network_operators_against_their_dense_matrices(tiny_network, kind, whic
 
 
 SMALL = ["analysis=top_eigen", "dataset=digits", "model=mlp", "model.hidden=[4]", "dataset.num_subsamples=128",
-         "operator.batch_size=64", "analysis.k=2", "analysis.tol=1e-4", "analysis.power_max_iter=300"]
+         "operator.batch_size=64", "analysis.k=2", "analysis.tol=1e-4", "analysis.power_max_iter=300",
+         "analysis.baseline=true"]
 
 
 def test_cli_run_writes_both_methods_and_the_exact_check(tmp_path):
