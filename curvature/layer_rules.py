@@ -619,7 +619,7 @@ class LayerNormRule(LayerRule):
         grads = {}
         lead = self._lead(g)
         if "weight" in want:
-            grads["weight"] = (rg * xhat if rxhat is None else torch.addcmul(rg * xhat, g, rxhat)).sum(lead)
+            grads["weight"] = (rg * xhat if rxhat is None else (rg * xhat).addcmul_(g, rxhat)).sum(lead)
         if "bias" in want:
             grads["bias"] = rg.sum(lead)
         if not need_input:

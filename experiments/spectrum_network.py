@@ -8,9 +8,9 @@ Loads a training checkpoint (or the initial weights), builds each operator over 
 residual bounds, the stem summary, seconds per Lanczos iteration and peak memory (the paper's
 "Computational Cost" paragraph), with two or more start vectors the standard errors and 95% intervals
 over vectors (table ``uncertainty``, metrics ``<operator>_<quantity>_stderr`` / ``_ci95_low`` /
-``_ci95_high``; see :func:`curvature.spectrum.uncertainty`), and with ``analysis.save_ritz_vectors=true`` the Ritz vectors in
-``ritz_vectors_<operator>.pt``: a dict with ``ritz_values`` (k, m), ``ritz_vectors`` (k, m, P),
-``param_names``, ``param_shapes``, ``num_params``, ``model`` (the model config) and ``checkpoint``,
+``_ci95_high``; see :func:`curvature.spectrum.uncertainty`), and with ``analysis.save_ritz_vectors=true``
+the Ritz vectors in ``ritz_vectors_<operator>.pt``: a dict with ``ritz_values`` (k, m), ``ritz_vectors``
+(k, m, P), ``param_names``, ``param_shapes``, ``num_params``, ``model`` (the model config) and ``checkpoint``,
 which the landscape analysis reads. Small models also get the exact eigenvalues from the dense
 P x P matrix (P products) and the 1-Wasserstein distance to them: with ``analysis.exact_max_dim=auto``
 only when that costs no more than the Lanczos run itself, with an integer whenever

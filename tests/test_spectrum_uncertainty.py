@@ -118,7 +118,8 @@ def test_interval_coverage_over_repetitions():
     n, k, repetitions = 200, 10, 200
     eigenvalues = gapped_spectrum(n)
     a = rotated(eigenvalues, seed=11)
-    truth = {"normalised_trace": float(eigenvalues.mean()), "negative_mass": float((eigenvalues < 0).double().mean())}
+    truth = {"normalised_trace": float(eigenvalues.mean()),
+             "negative_mass": float((eigenvalues < 0).double().mean())}
     covered = {name: 0 for name in truth}
     for rep in range(repetitions):
         result = lanczos(lambda x: a @ x, n, 30, num_vectors=k, seed=1000 + rep)
