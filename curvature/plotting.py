@@ -57,3 +57,41 @@ def panel_grid(num_panels: int, width: float = 3.4, height: float = 2.8):
         return fig, list(axes.flat)
     fig, axes = plt.subplots(1, num_panels, figsize=(width * num_panels, height), squeeze=False)
     return fig, list(axes.flat)
+
+
+def cdf(ax, measure, per_vector=(), exact=None, title: str | None = None, points: int = 400) -> None:
+    """The Lanczos measure's CDF (a step at each Ritz value), the 95% Student-t band of the per-vector
+    CDFs when there are two or more start vectors, and the exact eigenvalues' empirical CDF: one
+    probability scale for all three."""
+    from scipy import stats
+
+    nodes = np.asarray(measure.nodes, dtype=float)
+    weights = np.asarray(measure.weights, dtype=float)
+    values = [nodes] + ([np.asarray(exact, dtype=float)] if exact is not None else [])
+    low, high = min(v.min() for v in values), max(v.max() for v in values)
+    pad = 0.02 * (high - low or 1.0)
+    grid = np.linspace(low - pad, high + pad, points)
+
+    def curve(x, w):
+        order = np.argsort(x)
+        return np.concatenate([[0.0], np.cumsum(w[order])])[np.searchsorted(x[order], grid, side="right")]
+
+    if exact is not None:
+        e = np.asarray(exact, dtype=float)
+        ax.plot(grid, curve(e, np.full(e.size, 1.0 / e.size)), color="black", lw=1.2, label="exact eigenvalues")
+    k = len(per_vector)
+    ax.plot(grid, curve(nodes, weights), color="tab:red", lw=1.2,
+            label=f"Lanczos (mean over {k} vectors)" if k >= 2 else "Lanczos (one vector: no band)")
+    if k >= 2:
+        each = np.stack([curve(np.asarray(m.nodes, dtype=float), np.asarray(m.weights, dtype=float))
+                         for m in per_vector])
+        half = stats.t.ppf(0.975, k - 1) * each.std(axis=0, ddof=1) / np.sqrt(k)
+        mean = each.mean(axis=0)
+        ax.fill_between(grid, np.clip(mean - half, 0, 1), np.clip(mean + half, 0, 1), color="tab:red",
+                        alpha=0.25, lw=0, label=f"95% band over {k} vectors")
+    ax.set_xlabel("eigenvalue")
+    ax.set_ylabel("cumulative weight")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=7, loc="lower right")
+    if title:
+        ax.set_title(title, fontsize=9)

@@ -179,7 +179,7 @@ def run_network(run: Run) -> dict:
         _record(run, s, name, op, model, result, measure, exact)
         error_rows += record_uncertainty(run, result, s["tolerances"]["zero_node"], prefix=f"{name}_",
                                          label=f"{name}: ", operator=name)
-        panels.append((name, measure, exact))
+        panels.append((name, measure, exact, SpectralMeasure.per_vector(result)))
         if blocks is not None:  # through this operator's products: the blocks share its primal cache
             block_rows += B.run_blocks(run, name, op, measure, blocks)
     elapsed = time.perf_counter() - run.t0
@@ -387,15 +387,16 @@ def _compare_vectors(run: Run, name: str, result, tol: float) -> None:
 
 
 def _draw(panels, s, batch_norm: bool):
-    fig, axes = plotting.panel_grid(len(panels))
+    """Per operator: the stems (Ritz values and weights), and on one probability scale the CDF of the
+    Lanczos measure, its 95% band over start vectors (k >= 2) and the exact eigenvalues' CDF."""
+    fig, axes = plotting.panel_grid(2 * len(panels))
     bn = f", bn {s['operator']['bn_mode']}" if batch_norm else ""  # bn_mode changes nothing without BatchNorm
-    for ax, (name, measure, exact) in zip(axes, panels):
+    for (name, measure, exact, per_vector), ax, cdf_ax in zip(panels, axes[0::2], axes[1::2]):
         title = f"{name}: Lanczos m={s['num_steps']}, {s['num_vectors']} vector(s){bn}"
-        if exact is not None:
-            twin = ax.twinx()
-            plotting.histogram(twin, exact, bins=s["histogram_bins"], label="exact eigenvalues")
-            twin.set_ylabel("density (exact)")
-            title += f"\nW1 to exact = {measure.wasserstein(exact):.3g}"
         plotting.stem(ax, measure.nodes, measure.weights, title=title)
+        cdf_title = f"{name}: CDF"
+        if exact is not None:
+            cdf_title += f", W1 to exact = {measure.wasserstein(exact):.3g}"
+        plotting.cdf(cdf_ax, measure, per_vector, exact, title=cdf_title)
     fig.tight_layout()
     return fig
