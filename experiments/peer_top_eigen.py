@@ -12,6 +12,9 @@ Rows (same model, same batches in the same order, mean cross-entropy, float64, e
   its own test (``|beta_m s_m,i| < tol |lambda_i|``) is reported, and the products of every attempt.
 * ``hessian_eigenthings power`` (1.0.0a5): ``deflated_power_iteration(op, k, max_iter, tol)``: stops when
   both the relative change and the deflated relative residual are below ``tol``.
+* ``curvlinops eigsh`` (3.0): its ``HessianLinearOperator(...).to_scipy()`` into SciPy's ``eigsh(k,
+  which="LA", tol)`` (ARPACK's implicitly restarted Lanczos), the route curvlinops documents for top
+  eigenvalues; products counted as columns through its ``_matmat``.
 * ``pyhessian power`` (0.1): ``hessian(...).eigenvalues(maxIter, tol, top_n=k)``: stops on the relative
   change of the eigenvalue alone (its rule), ``torch.randn`` start vectors under ``torch.manual_seed(seed)``.
 
@@ -72,6 +75,26 @@ def eigenthings_power(model, batches, k: int, tol: float, seed: int, max_iter: i
     result = he.deflated_power_iteration(op, k=k, max_iter=max_iter, tol=tol, seed=seed)
     return {"values": result.eigenvalues, "vectors": result.eigenvectors.T, "products": counted.calls,
             "converged_own_test": bool(result.converged.all())}
+
+
+def curvlinops_eigsh(model, batches, k: int, tol: float, seed: int) -> dict:
+    import numpy as np
+    import curvlinops as cl
+    from scipy.sparse.linalg import eigsh
+    params = [p for p in model.parameters() if p.requires_grad]
+    op = cl.HessianLinearOperator(model, torch.nn.CrossEntropyLoss(), params, batches, check_deterministic=False)
+    columns, matmat = [0], op._matmat
+
+    def counted(x):
+        columns[0] += x[0].shape[-1] if isinstance(x, (list, tuple)) else (x.shape[-1] if x.dim() > 1 else 1)
+        return matmat(x)
+
+    op._matmat = counted
+    start = np.random.default_rng(seed).standard_normal(op.shape[0])
+    values, vectors = eigsh(op.to_scipy(), k=k, which="LA", tol=tol, v0=start)
+    return {"values": torch.as_tensor(values, dtype=torch.float64),
+            "vectors": torch.as_tensor(vectors, dtype=torch.float64), "products": columns[0],
+            "converged_own_test": True}
 
 
 def pyhessian_power(model, batches, k: int, tol: float, seed: int, max_iter: int) -> dict:
@@ -136,6 +159,8 @@ def compare(args) -> list[dict]:
                 lambda: eigenthings_lanczos(model, batches, args.k, args.tol, args.seed, args.max_iter * args.k))
             row("hessian_eigenthings power",
                 lambda: eigenthings_power(model, batches, args.k, args.tol, args.seed, args.max_iter))
+        if not missing("curvlinops"):
+            row("curvlinops eigsh", lambda: curvlinops_eigsh(model, batches, args.k, args.tol, args.seed))
         if not missing("pyhessian"):
             row("pyhessian power", lambda: pyhessian_power(model, batches, args.k, args.tol, args.seed, args.max_iter))
     if args.exact:

@@ -16,7 +16,12 @@ fixed list of batches, mean cross-entropy.
   ``v^T H v`` only; the mean and standard error are computed here. It forces ``model.eval()``; the
   mode is restored and the gradients it leaves are cleared.
 
-Both peers draw their Rademacher vectors as ``randint(0, 2)`` from a CPU generator seeded with ``seed``
+* ``curvlinops`` (3.0): ``hutchinson_trace``, ``hutchpp_trace`` and ``xtrace`` (Epperly, Tropp, Webber
+  2024) on its ``HessianLinearOperator`` (Rademacher vectors from the global torch RNG, seeded here). They
+  return the estimate only: no standard error (the row's is NaN); the products are counted as columns
+  through the operator.
+
+hessian_eigenthings and pyhessian draw their Rademacher vectors as ``randint(0, 2)`` from a CPU generator seeded with ``seed``
 (hessian_eigenthings its own, pyhessian the global one, seeded here), parameter after parameter: the same
 vectors, so their Hutchinson rows agree to rounding (measured on the digits CNN), a cross-check of their
 products. The suite's estimators draw from their own named streams (:mod:`curvature.seeding`).
@@ -36,7 +41,7 @@ from curvature.operators import curvature_mode
 from curvature.trace import TraceEstimate
 from experiments.peers import _Counted, missing
 
-PEERS = ("hessian_eigenthings", "pyhessian")
+PEERS = ("hessian_eigenthings", "pyhessian", "curvlinops")
 
 
 def peer_traces(name: str, model, batches, num_matvecs: int, seed: int) -> list[TraceEstimate]:
@@ -51,8 +56,8 @@ def peer_traces(name: str, model, batches, num_matvecs: int, seed: int) -> list[
     if why:
         raise ImportError(why)
     with curvature_mode(model, "eval"):
-        return _eigenthings(model, batches, num_matvecs, seed) if name == "hessian_eigenthings" \
-            else _pyhessian(model, batches, num_matvecs, seed)
+        return {"hessian_eigenthings": _eigenthings, "pyhessian": _pyhessian,
+                "curvlinops": _curvlinops}[name](model, batches, num_matvecs, seed)
 
 
 def _eigenthings(model, batches, num_matvecs, seed) -> list[TraceEstimate]:
@@ -92,3 +97,30 @@ def _pyhessian(model, batches, num_matvecs, seed) -> list[TraceEstimate]:
     return [TraceEstimate(float(terms.mean()), stderr, counted.calls, "pyhessian:hutchinson", terms,
                           {"seconds": time.perf_counter() - start,
                            "notes": ["trace(maxIter=m, tol=0): all m products; stderr computed from its terms"]})]
+
+
+def _curvlinops(model, batches, num_matvecs, seed) -> list[TraceEstimate]:
+    import curvlinops as cl
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows = []
+    for method, estimate in (("hutchinson", cl.hutchinson_trace), ("hutch++", cl.hutchpp_trace),
+                             ("xtrace", cl.xtrace)):
+        start = time.perf_counter()
+        op = cl.HessianLinearOperator(model, torch.nn.CrossEntropyLoss(), params, batches,
+                                      check_deterministic=False)
+        columns = [0]
+        matmat = op._matmat
+
+        def counted(x, matmat=matmat):
+            columns[0] += x[0].shape[-1] if isinstance(x, (list, tuple)) else (x.shape[-1] if x.dim() > 1 else 1)
+            return matmat(x)
+
+        op._matmat = counted
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            value = float(estimate(op, num_matvecs=num_matvecs - (num_matvecs % 2 if method == "xtrace" else 0)))
+        rows.append(TraceEstimate(value, math.nan, columns[0], f"curvlinops:{method}",
+                                  torch.empty(0, dtype=torch.float64),
+                                  {"seconds": time.perf_counter() - start,
+                                   "notes": ["curvlinops returns no standard error"]}))
+    return rows

@@ -220,7 +220,8 @@ RULES: dict[str, Rule] = {
     # trace
     "analysis[trace].method": Choice("hutchinson", "hutchpp", "slq", "all"), "analysis.num_matvecs": POSITIVE_INT,
     "analysis[trace].distribution": Choice("rademacher", "gaussian"), "analysis.slq_steps": POSITIVE_INT,
-    "analysis.stderr_multiple": POSITIVE, "analysis[trace].peers": ListOf(Choice("hessian_eigenthings", "pyhessian")),
+    "analysis.stderr_multiple": POSITIVE,
+    "analysis[trace].peers": ListOf(Choice("hessian_eigenthings", "pyhessian", "curvlinops")),
     # dataset
     "dataset.kind": Choice("matrix", "images", "text"), "dataset.data_dir": Nullable(PATH),
     "dataset.num_classes": Int(2), "dataset.val_size": COUNT, "dataset.num_subsamples": Nullable(POSITIVE_INT),

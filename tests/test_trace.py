@@ -167,6 +167,22 @@ def test_hessian_eigenthings_trace_matches_the_suites_operator(tiny_network):
         assert abs(row.estimate - traces["hessian"]) <= 4 * row.stderr
 
 
+def test_curvlinops_traces_on_the_suites_model_lie_within_hutchinsons_exact_spread(tiny_network):
+    """curvlinops gives no standard error, so the check uses the exact variance of Rademacher Hutchinson,
+    2 (||H||_F^2 - sum_i H_ii^2) / m, from the dense Hessian: each of its three estimates (Hutch++ and XTrace
+    vary less) lies within 4 of that standard deviation of the dense trace, 150 products each."""
+    require("curvlinops")
+    from experiments.peer_trace import peer_traces
+    model, batches, loss, traces = tiny_network
+    dense = dense_hessian(model, loss, batches)
+    spread = math.sqrt(2 * (float((dense ** 2).sum()) - float((dense.diagonal() ** 2).sum())) / 150)
+    rows = peer_traces("curvlinops", model, batches, 150, seed=0)
+    assert [r.method for r in rows] == ["curvlinops:hutchinson", "curvlinops:hutch++", "curvlinops:xtrace"]
+    for row in rows:
+        assert row.num_matvecs >= 148
+        assert abs(row.estimate - traces["hessian"]) <= 4 * spread, (row.method, row.estimate, spread)
+
+
 @pytest.mark.slow
 def test_hutchpp_variance_is_far_below_hutchinsons_on_low_rank_plus_noise():
     """200 seeds at 60 products each on 20 outliers + a flat bulk (n = 400): the measured variance of
