@@ -119,7 +119,7 @@ def test_figure_title_names_the_bn_mode_only_for_models_with_batch_norm(batch_no
     assert has_batch_norm(get_model("cnn", 10, batch_norm=True)) and not has_batch_norm(get_model("mlp", 10))
     measure = SpectralMeasure.from_eigenvalues(torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64))
     s = {"num_steps": 3, "num_vectors": 1, "operator": {"bn_mode": "eval"}, "histogram_bins": 10}
-    fig = _draw([("hessian", measure, None)], s, batch_norm)
+    fig = _draw([("hessian", measure, None, [measure])], s, batch_norm)
     try:
         title = fig.axes[0].get_title()
         assert title.startswith("hessian: Lanczos m=3, 1 vector(s)") and ("bn eval" in title) == batch_norm
