@@ -337,14 +337,7 @@ class LinearMapRule(LayerRule):
 
     def _linear_r_forward(self, rx, x, aux, p, v):
         """A linear map's ``R{y}`` in one buffer: ``V_b + x V_W^T`` (addmm), then ``R{x} W^T`` added in place."""
-        out = None
-        for inputs, weight in ((x, v.get("weight")), (rx, p["weight"])):
-            if inputs is None or weight is None:
-                continue
-            if out is not None:
-                out.addmm_(_rows(inputs), weight.T)
-            else:
-                out = torch.addmm(v["bias"], _rows(inputs), weight.T) if "bias" in v else _rows(inputs) @ weight.T
+        out = _linear_r_rows(x, v.get("weight"), rx, p["weight"], v.get("bias"))
         return v["bias"].expand(aux).contiguous() if out is None else out.view(aux)
 
     def _linear_r_backward(self, rg, g, rx, x, p, v, want, need_input) -> tuple:
@@ -745,16 +738,7 @@ class MultiheadAttentionRule(LayerRule):
 
     def _r_qkv(self, rx, x, p, v) -> Optional[list]:
         """``R{Q}, R{K}, R{V}`` by heads, or None (zero): the terms accumulated in one buffer (addmm)."""
-        out = None
-        for inputs, weight in ((x, v.get("in_proj_weight")), (rx, p["in_proj_weight"])):
-            if inputs is None or weight is None:
-                continue
-            if out is not None:
-                out.addmm_(_rows(inputs), weight.T)
-            elif "in_proj_bias" in v:
-                out = torch.addmm(v["in_proj_bias"], _rows(inputs), weight.T)
-            else:
-                out = _rows(inputs) @ weight.T
+        out = _linear_r_rows(x, v.get("in_proj_weight"), rx, p["in_proj_weight"], v.get("in_proj_bias"))
         if out is None:
             if "in_proj_bias" not in v:
                 return None
@@ -955,6 +939,22 @@ def _other_dims(t: torch.Tensor) -> list:
 
 def _sum_channels(t: torch.Tensor) -> torch.Tensor:
     return t.sum(dim=[d for d in range(t.dim()) if d != 1])
+
+
+def _linear_r_rows(x, v_weight, rx, weight, v_bias) -> Optional[torch.Tensor]:
+    """``R{y}`` of ``y = x W^T + b`` as rows ``(n, out)`` in one buffer: ``V_b + x V_W^T`` (addmm), then
+    ``R{x} W^T`` added in place; None when every term is zero (``v_bias`` alone is left to the caller)."""
+    out = None
+    for inputs, w in ((x, v_weight), (rx, weight)):
+        if inputs is None or w is None:
+            continue
+        if out is not None:
+            out.addmm_(_rows(inputs), w.T)
+        elif v_bias is not None:
+            out = torch.addmm(v_bias, _rows(inputs), w.T)
+        else:
+            out = _rows(inputs) @ w.T
+    return out
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
