@@ -6,7 +6,7 @@ TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(subst =,-,$(subst /,_,$(TORCH)))
 
-.PHONY: install demo test test-all figures clean
+.PHONY: install demo test test-all figures gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,13 @@ FORCE ?=
 figures: install
 	$(PY) -m paper_figures.make_figures --scale $(SCALE) $(if $(FORCE),--force,) \
 		$(if $(filter smoke,$(SCALE)),--gallery docs/figures,)
+
+# One GPU, under 8 minutes: the gpu-marked tests, the product benchmark and the side-by-side Lanczos against
+# the peers on VGG16 and PreResNet-20 (fake CIFAR, paper widths) and the cost preset; one table, also in
+# outputs/gpu_check/<time>/gpu_check.{md,json}. Without CUDA (or TINY=1) the same steps at tiny sizes (~2 min).
+TINY ?=
+gpu-check: install
+	$(PY) -m experiments.gpu_check $(if $(TINY),--tiny,)
 
 clean:
 	rm -rf $(VENV) .pytest_cache *.egg-info

@@ -28,6 +28,13 @@ _EXPORTS = {
     "GGNOperator": "curvature.operators",
     "make_operator": "curvature.operators",
     "FisherOperator": "curvature.fisher",
+    "FiniteDifferenceHessian": "curvature.finite_difference",
+    "fd_hessian_product": "curvature.finite_difference",
+    "fd_step": "curvature.finite_difference",
+    # --- model-sharded (FSDP2) Hessian products and Lanczos on local shards of the vectors ---
+    "ShardedFiniteDifferenceHessian": "curvature.fsdp",
+    "sharded_lanczos": "curvature.fsdp",
+    "shard_model": "curvature.fsdp",
     # --- any symmetric operator as a matvec closure or a SciPy LinearOperator ---
     "as_matvec": "curvature.linear_operator",
     "to_scipy": "curvature.linear_operator",
@@ -42,6 +49,7 @@ _EXPORTS = {
     "LanczosResult": "curvature.lanczos",
     "LanczosNumericalError": "curvature.lanczos",
     "random_start_vectors": "curvature.lanczos",
+    "LanczosBasis": "curvature.lanczos_basis",
     "SpectralMeasure": "curvature.spectrum",
     # --- more estimators on the same operators: traces, top eigenpairs, linear solves ---
     "hutchinson": "curvature.trace",
@@ -52,6 +60,9 @@ _EXPORTS = {
     "power_iteration": "curvature.top_eigen",
     "EigenpairResult": "curvature.top_eigen",
     "solve": "curvature.solve",
+    # --- curvature tracked during training (sharpness, trace, spectrum at chosen steps) ---
+    "CurvatureTracker": "curvature.sharpness",
+    "tracking_batches": "curvature.sharpness",
     "SolveResult": "curvature.solve",
     # --- exact dense matrices of small models (the ground truth of the tests) ---
     "dense_hessian": "curvature.dense",

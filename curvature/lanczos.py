@@ -6,7 +6,9 @@ tested to 1e-10 in float64): ``engine="gpytorch"``, a thin wrapper over GPyTorch
 command line), our own loop with full reorthogonalisation, which can save its state every
 ``checkpoint_every`` steps and resume from it (:func:`lanczos`), costs ``m`` products for ``m`` steps
 instead of ``m + 1``, and reorthogonalises with matrix-vector products against the stored basis
-instead of GPyTorch's (k+1) x P temporary.
+instead of GPyTorch's (k+1) x P temporary. The native engine keeps its basis on the device, in host
+memory or in a memory-mapped file (``basis_device``, :mod:`curvature.lanczos_basis`) and runs on row
+shards of the vectors given a sum over processes (``reduce``).
 Both turn their output into the quantities curvature analyses need:
 
 * the tridiagonal matrix ``T_m`` of each start vector,
@@ -45,11 +47,14 @@ from tqdm.auto import tqdm
 
 from curvature.errors import NumericalError, SuiteError
 from curvature.io import torch_save_atomic
+from curvature.lanczos_basis import DEFAULT_CHUNK_MB, LanczosBasis
 from curvature.linear_operator import as_matvec
 from curvature.seeding import generator
 
 Matvec = Callable[[torch.Tensor], torch.Tensor]
 Checkpoint = Union[str, Path, Callable[[dict], None], None]
+#: Sums a tensor of local inner products over the processes that each hold rows of the vectors.
+Reduce = Optional[Callable[[torch.Tensor], torch.Tensor]]
 
 #: A beta below this fraction of the operator scale means the Krylov space is invariant.
 RELATIVE_BREAKDOWN_TOL = 1e-6
@@ -142,7 +147,10 @@ def lanczos(matvec: Any, dim: Optional[int] = None, num_steps: int = 100, num_ve
             dtype: Optional[torch.dtype] = None, device=None, start_kind: str = "gaussian",
             return_vectors: bool = False, return_basis: bool = False,
             progress: bool = False, engine: str = "native", checkpoint: Checkpoint = None,
-            checkpoint_every: int = 0, resume_state: Union[dict, str, Path, None] = None) -> LanczosResult:
+            checkpoint_every: int = 0, resume_state: Union[dict, str, Path, None] = None,
+            reduce: Reduce = None, basis_device: str = "device",
+            basis_file: Union[str, Path, None] = None, basis_chunk_mb: float = DEFAULT_CHUNK_MB,
+            keep_basis: bool = False) -> LanczosResult:
     """Run ``num_steps`` Lanczos steps on the symmetric operator ``matvec`` from each start vector.
 
     ``matvec`` is a curvature operator (``op``), its ``op.matvec``, a dense symmetric tensor, or any
@@ -161,9 +169,29 @@ def lanczos(matvec: Any, dim: Optional[int] = None, num_steps: int = 100, num_ve
 
     Native engine only: ``checkpoint`` (a path, written atomically, or a callable taking the state
     dict) receives the state every ``checkpoint_every`` steps and once at the end; the state holds
-    the basis, the alphas and betas, the step count, the start vectors, the operator scale and the
-    RNG state. ``resume_state`` (such a dict or its file) continues from it: the result equals an
-    uninterrupted run's (bit for bit on the same device). A state from a longer run is truncated.
+    the basis (a disk basis: its file's name and a CRC-32 of each row), the alphas and betas, the
+    step count, the start vectors, the operator scale and the RNG state. ``resume_state`` (such a
+    dict or its file) continues from it: the result equals an uninterrupted run's (bit for bit on
+    the same device and basis kind). A state from a longer run is truncated.
+
+    ``reduce`` (native engine) runs Lanczos on row shards: each process holds rows of every vector,
+    ``matvec`` maps its shard of ``x`` to its shard of ``A x`` (``dim`` is the local row count), and
+    ``reduce(t)`` returns the sum of ``t`` over the processes (same shape; e.g. an in-place
+    ``all_reduce``). It receives every local inner product: the start vectors' and the first
+    product's squared norms, ``alpha``, the reorthogonalisation coefficients ``Q r`` and the squared
+    norms behind ``beta`` and the DGKS test, plus the local row count once (for the global ``dim``).
+    Then ``start_vectors`` is needed (this process's rows of one global draw), the tridiagonal equals
+    the unsharded run's to rounding and is the same on every process, and Ritz vectors and the basis
+    come back as local rows. Checkpoints are per process (give each its own path). None: no
+    reduction, one process holds whole vectors.
+
+    ``basis_device`` (native engine) is where the k (m + 1) Lanczos vectors live
+    (:class:`curvature.lanczos_basis.LanczosBasis`): ``"device"`` (with the operator), ``"cpu"``
+    (host memory) or ``"disk"`` (the memory-mapped file ``basis_file``, removed at the end unless
+    ``keep_basis``, a ``checkpoint`` or the ``resume_state`` refers to it; a disk state names its file
+    instead of holding the rows); the last two stream it through the device in
+    tiles of ``basis_chunk_mb``. Same tridiagonal as ``"device"``: bit for bit while one tile holds
+    the basis, to rounding otherwise. A returned basis or Ritz vectors of those kinds are in host memory.
     """
     matvec, dim, own_dtype, own_device = as_matvec(matvec, dim)
     if dtype is None:
@@ -180,8 +208,16 @@ def lanczos(matvec: Any, dim: Optional[int] = None, num_steps: int = 100, num_ve
         raise ValueError(f"checkpoint_every must be >= 0, got {checkpoint_every}")
     if (checkpoint is not None or resume_state is not None) and engine != "native":
         raise ValueError("checkpointing and resuming need engine='native'")
+    if basis_device != "device" and engine != "native":
+        raise ValueError("basis_device 'cpu' or 'disk' needs engine='native'")
+    if reduce is not None and engine != "native":
+        raise ValueError("reduce (row-sharded vectors) needs engine='native'")
+    if reduce is not None and start_vectors is None:
+        raise ValueError("reduce needs start_vectors: this process's rows of one global draw "
+                         "(a seeded draw of the local rows would repeat on every process)")
     device = torch.device(device)
-    v0 = _start_block(dim, num_vectors, start_vectors, seed, start_kind, dtype, device)
+    total_dim = dim if reduce is None else _global_dim(dim, reduce, device)
+    v0 = _start_block(dim, num_vectors, start_vectors, seed, start_kind, dtype, device, reduce)
     k = v0.shape[1]
     state = _load_state(resume_state, dim, k, dtype, v0) if resume_state is not None else None
     notes: list[str] = []
@@ -191,12 +227,12 @@ def lanczos(matvec: Any, dim: Optional[int] = None, num_steps: int = 100, num_ve
     else:
         # First product: gives the operator scale and is reused as the first step's product.
         av0 = _checked_product(matvec, v0, 0, lambda: None)
-        scale = float(av0.norm(dim=0).max())
+        scale = float(_column_norms(av0, reduce).max())
         if scale == 0.0:
             notes.append("every start vector is in the operator's null space: measure is a point mass at 0")
             blocks = [torch.zeros(1, 1, dtype=torch.float64) for _ in range(k)]
             return _assemble(blocks, [0.0] * k, 0.0, None, notes, False, False)
-        if dim == 1:  # GPyTorch's loop needs at least two iterations
+        if total_dim == 1:  # GPyTorch's loop needs at least two iterations
             blocks = [(v0[:, i] @ av0[:, i]).to("cpu", torch.float64).reshape(1, 1) for i in range(k)]
             return _assemble(blocks, [0.0] * k, scale, v0.T.unsqueeze(-1), notes, return_vectors,
                              return_basis)
@@ -208,10 +244,10 @@ def lanczos(matvec: Any, dim: Optional[int] = None, num_steps: int = 100, num_ve
         save = _checkpoint_writer(checkpoint, checkpoint_every, dict(
             format=STATE_FORMAT, dim=dim, num_vectors=k, dtype=str(dtype), scale=scale,
             start_vectors=v0.detach().to("cpu"), seed=seed, start_kind=start_kind))
-        blocks, betas, basis = _native(matvec, v0, av0, scale, num_steps, dim, notes, state, save,
-                                       progress)
-        if not want_basis:
-            basis = None
+        storage = dict(kind=basis_device, path=basis_file, chunk_mb=basis_chunk_mb,
+                       keep=keep_basis or checkpoint is not None)
+        blocks, betas, basis = _native(matvec, v0, av0, scale, num_steps, total_dim, notes, state,
+                                       save, progress, reduce, storage, want_basis)
     else:
         blocks, betas, basis = _gpytorch(matvec, v0, av0, scale, num_steps, dim, dtype, device,
                                          notes, progress)
@@ -226,7 +262,8 @@ def lanczos(matvec: Any, dim: Optional[int] = None, num_steps: int = 100, num_ve
     return _assemble(blocks, betas, scale, basis, notes, return_vectors, return_basis)
 
 
-def _start_block(dim, num_vectors, start_vectors, seed, start_kind, dtype, device) -> torch.Tensor:
+def _start_block(dim, num_vectors, start_vectors, seed, start_kind, dtype, device,
+                 reduce: Reduce = None) -> torch.Tensor:
     """The (dim, k) block of unit start vectors: given ones normalised, or seeded ones drawn."""
     if start_vectors is None:
         return random_start_vectors(dim, num_vectors, start_kind, seed, dtype, device)
@@ -235,10 +272,34 @@ def _start_block(dim, num_vectors, start_vectors, seed, start_kind, dtype, devic
         v0 = v0.unsqueeze(-1)
     if v0.shape[0] != dim:
         raise ValueError(f"start_vectors has {v0.shape[0]} rows, expected dim={dim}")
-    norms = v0.norm(dim=0, keepdim=True)
+    norms = _column_norms(v0, reduce).unsqueeze(0)
     if torch.any(norms == 0):
         raise ValueError("a start vector is zero")
     return v0 / norms
+
+
+def _column_norms(x: torch.Tensor, reduce: Reduce) -> torch.Tensor:
+    """Euclidean norms of the columns of ``x`` (P, k); of the whole vectors when ``x`` holds this
+    process's rows and ``reduce`` sums over processes (``sqrt(fl(n^2)) == n`` in binary floating
+    point, so an identity ``reduce`` changes no bit)."""
+    norms = x.norm(dim=0)
+    return norms if reduce is None else reduce(norms * norms).sqrt()
+
+
+def _vector_norm(r: torch.Tensor, reduce: Reduce) -> float:
+    """``||r||`` of a (P,) vector, of the whole vector when ``r`` holds this process's rows."""
+    norm = r.norm()
+    return float(norm if reduce is None else reduce(norm * norm).sqrt())
+
+
+def _summed(value: torch.Tensor, reduce: Reduce) -> torch.Tensor:
+    """A local inner product (or a vector of them) summed over the processes."""
+    return value if reduce is None else reduce(value)
+
+
+def _global_dim(dim: int, reduce: Callable, device: torch.device) -> int:
+    """The total row count of sharded vectors: the local counts summed (exact in float64)."""
+    return int(reduce(torch.tensor([float(dim)], dtype=torch.float64, device=device)).item())
 
 
 def _checked_product(matvec: Matvec, x: torch.Tensor, step: int, partial: Callable) -> torch.Tensor:
@@ -255,29 +316,48 @@ def _checked_product(matvec: Matvec, x: torch.Tensor, step: int, partial: Callab
     return out
 
 
-def _native(matvec, v0, av0, scale, num_steps, dim, notes, state, save, progress):
+def _native(matvec, v0, av0, scale, num_steps, dim, notes, state, save, progress, reduce=None,
+            storage: Optional[dict] = None, want_basis: bool = True):
     """Lanczos with full reorthogonalisation against the stored basis, per-vector stopping.
 
     Step ``j`` of each live vector: ``r = A q_j / s - beta_{j-1} q_{j-1}``, ``alpha_j = q_j . r``,
     ``r -= alpha_j q_j``, classical Gram-Schmidt against ``q_0 .. q_j`` (repeated while a pass
     cancels more than DGKS_ETA of the norm), ``beta_j = ||r||``; a vector whose ``beta_j`` falls to
     RELATIVE_BREAKDOWN_TOL has an invariant Krylov space and stops. Returns the unscaled blocks,
-    the final betas and the (k, P, m) basis.
+    the final betas and the (k, P, m) basis (None unless ``want_basis``). ``dim`` is the global
+    size (sum of the shards' rows); ``storage`` the keywords of :class:`LanczosBasis` and ``keep``.
     """
     k, dtype, device = v0.shape[1], v0.dtype, v0.device
     cap = min(num_steps, dim)
-    basis = torch.zeros(k, cap + 1, dim, dtype=dtype, device=device)  # row cap: q_cap, to extend later
+    storage = dict(storage or {"kind": "device"})
+    keep = storage.pop("keep", False)
+    saved_file = None if state is None else state.get("basis_file")
+    reuse = (storage.get("kind") == "disk" and saved_file is not None and storage.get("path") is not None
+             and Path(saved_file).resolve() == Path(storage["path"]).resolve())
+    # row cap holds q_cap, to extend the run later
+    basis = LanczosBasis(num_vectors=k, rows=cap + 1, dim=v0.shape[0], dtype=dtype, device=device,
+                         reuse_file=reuse, **storage)
+    try:
+        return _native_steps(matvec, v0, av0, scale, cap, notes, state, save, progress, reduce, basis,
+                             want_basis)
+    finally:
+        basis.close(keep=keep or reuse)  # a file resumed in place still belongs to the state it came with
+
+
+def _native_steps(matvec, v0, av0, scale, cap, notes, state, save, progress, reduce, basis, want_basis):
+    """The steps of :func:`_native` on an allocated ``basis`` (:class:`LanczosBasis`)."""
+    k = v0.shape[1]
     alphas = torch.zeros(k, cap, dtype=torch.float64)
     betas = torch.zeros(k, cap, dtype=torch.float64)
     steps = torch.zeros(k, dtype=torch.long)
     broken = torch.zeros(k, dtype=torch.bool)
     start = 0
     if state is None:
-        basis[:, 0] = v0.T
+        for i in range(k):
+            basis.write(i, 0, v0[:, i])
     else:
         start = min(int(state["step"]), cap)
-        rows = min(state["basis"].shape[1], cap + 1)
-        basis[:, :rows] = state["basis"][:, :rows].to(dtype=dtype, device=device)
+        basis.restore(state, state.get("source", "the saved Lanczos state"))
         alphas[:, :start] = state["alphas"][:, :start]
         betas[:, :start] = state["betas"][:, :start]
         steps = state["steps"].clamp(max=cap)
@@ -303,7 +383,7 @@ def _native(matvec, v0, av0, scale, num_steps, dim, notes, state, save, progress
         return _assemble(blocks, final, scale, None, list(notes), False, False)
 
     def snapshot(step: int) -> dict:
-        return {"step": step, "basis": basis[:, :step + 1].detach().to("cpu", copy=True),
+        return {"step": step, **basis.snapshot(step),
                 "alphas": alphas[:, :step].clone(), "betas": betas[:, :step].clone(),
                 "steps": steps.clone(), "broken": broken.clone(), "rng_state": torch.get_rng_state(),
                 "notes": list(notes)}
@@ -318,14 +398,14 @@ def _native(matvec, v0, av0, scale, num_steps, dim, notes, state, save, progress
             if j == 0 and av0 is not None:
                 aq = av0[:, live] / scale
             else:
-                x = basis[live, j].T if len(live) < k else basis[:, j].T
+                x = basis.block(live, j)
                 aq = _checked_product(matvec, x, j, partial) / scale
             for c, i in enumerate(live):
-                q = basis[i, j]
-                r = aq[:, c] - betas[i, j - 1].item() * basis[i, j - 1] if j > 0 else aq[:, c].clone()
-                alpha = torch.dot(q, r)
+                q = basis.row(i, j)
+                r = aq[:, c] - betas[i, j - 1].item() * basis.row(i, j - 1) if j > 0 else aq[:, c].clone()
+                alpha = _summed(torch.dot(q, r), reduce)
                 r = r - alpha * q
-                r, beta = _reorthogonalise(basis[i, :j + 1], r)
+                r, beta = _reorthogonalise(basis, i, j, r, reduce)
                 alphas[i, j], betas[i, j], steps[i] = float(alpha), beta, j + 1
                 if beta <= RELATIVE_BREAKDOWN_TOL:
                     broken[i] = True
@@ -333,7 +413,7 @@ def _native(matvec, v0, av0, scale, num_steps, dim, notes, state, save, progress
                         notes.append(f"start vector {i}: Krylov space invariant after {j + 1} steps "
                                      "(exact for this vector; result truncated there)")
                 else:
-                    basis[i, j + 1] = r / beta
+                    basis.write(i, j + 1, r / beta)
             bar.update(1)
             if save is not None and save.every and (j + 1) % save.every == 0 and j + 1 < cap:
                 save(snapshot(j + 1))
@@ -342,18 +422,18 @@ def _native(matvec, v0, av0, scale, num_steps, dim, notes, state, save, progress
     finally:
         bar.close()
     blocks, final = blocks_and_betas()
-    width = int(steps.max())
-    return blocks, final, basis[:, :width].transpose(1, 2)
+    return blocks, final, basis.dense(int(steps.max())) if want_basis else None
 
 
-def _reorthogonalise(q: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Classical Gram-Schmidt of ``r`` against the rows of ``q`` (j, P), repeated (at most three
-    passes) while a pass cancels more than ``1 - DGKS_ETA`` of the norm. Two matrix-vector products
-    per pass; no (j, P) temporary. Returns ``r`` and its norm."""
-    norm = float(r.norm())
+def _reorthogonalise(basis: LanczosBasis, i: int, j: int, r: torch.Tensor,
+                     reduce: Reduce = None) -> tuple[torch.Tensor, float]:
+    """Classical Gram-Schmidt of ``r`` against ``q_0 .. q_j`` of start vector ``i``, repeated (at
+    most three passes) while a pass cancels more than ``1 - DGKS_ETA`` of the norm. Two
+    matrix-vector products per pass; no (j, P) temporary. Returns ``r`` and its norm."""
+    norm = _vector_norm(r, reduce)
     for _ in range(3):
-        r = r - q.T @ (q @ r)
-        new = float(r.norm())
+        r = r - basis.combination(i, j, _summed(basis.coefficients(i, j, r), reduce))
+        new = _vector_norm(r, reduce)
         if new > DGKS_ETA * norm:
             break
         norm = new
@@ -397,7 +477,7 @@ def _load_state(source, dim: int, k: int, dtype: torch.dtype, v0: torch.Tensor) 
     if saved.shape != v0.shape or not torch.allclose(saved, v0.to("cpu", torch.float64), rtol=0, atol=tol):
         raise SuiteError(f"{name} was started from other start vectors (seed, start_vector or "
                          "start_vectors differ)")
-    return source
+    return {**source, "source": name}
 
 
 def _gpytorch(matvec, v0, av0, scale, num_steps, dim, dtype, device, notes, progress):

@@ -416,10 +416,18 @@ OPERATORS = {"hessian": HessianOperator, "ggn": GGNOperator, "fisher": _fisher}
 _OPTION_OWNERS = {"mode": "hessian", "kind": "fisher", "mc_samples": "fisher", "seed": "fisher"}
 
 
-def make_operator(name: str, model: nn.Module, loss_fn: Callable, batches, **kwargs) -> CurvatureOperator:
+def make_operator(name: str, model: nn.Module, loss_fn: Callable, batches, product: str = "exact",
+                  fd_step="auto", richardson: bool = False, **kwargs) -> CurvatureOperator:
+    """The operator ``name``; ``product="finite_difference"``: the Hessian from central differences of
+    gradients, with ``fd_step`` ("auto" or a number) and ``richardson`` (:mod:`curvature.finite_difference`)."""
     if name not in OPERATORS:
         raise ValueError(f"unknown operator {name!r}: choose one of {', '.join(OPERATORS)}")
     for key, owner in _OPTION_OWNERS.items():
         if name != owner:
             kwargs.pop(key, None)
+    if product != "exact":
+        from curvature.finite_difference import PRODUCTS, finite_difference_operator  # it subclasses the base
+        if product not in PRODUCTS:
+            raise ValueError(f"product must be exact or finite_difference, got {product!r}")
+        return finite_difference_operator(name, model, loss_fn, batches, fd_step, richardson, **kwargs)
     return OPERATORS[name](model, loss_fn, batches, **kwargs)

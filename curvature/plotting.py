@@ -50,13 +50,61 @@ def histogram(ax, values=None, bins: int = 60, value_range=None, density_curve=N
     ax.legend(fontsize=7)
 
 
-def panel_grid(num_panels: int, width: float = 3.4, height: float = 2.8):
-    """A row (or 2 x 2 for four panels, as in the paper) of axes."""
+def panel_grid(num_panels: int, width: float = 3.4, height: float = 2.8, columns: int | None = None):
+    """A row (or 2 x 2 for four panels, as in the paper) of axes; ``columns``: rows of that many."""
+    if columns is not None:
+        rows = -(-num_panels // columns)
+        fig, axes = plt.subplots(rows, columns, figsize=(width * columns, height * rows), squeeze=False)
+        return fig, list(axes.flat)
     if num_panels == 4:
         fig, axes = plt.subplots(2, 2, figsize=(2 * width, 2 * height))
         return fig, list(axes.flat)
     fig, axes = plt.subplots(1, num_panels, figsize=(width * num_panels, height), squeeze=False)
     return fig, list(axes.flat)
+
+
+def stem_heatmap(ax, positions, measures, bins: int = 60, xlabel: str = "epoch", title: str | None = None) -> None:
+    """Discrete spectral measures side by side: column ``j`` (centred on ``positions[j]``) holds the
+    stem weight of ``measures[j]`` (a ``(nodes, weights)`` pair) in each of ``bins`` eigenvalue bins
+    spanning every measure's nodes; log colour, empty bins blank."""
+    from matplotlib.colors import LogNorm
+
+    pairs = [(np.asarray(n, dtype=float), np.asarray(w, dtype=float)) for n, w in measures]
+    pairs = [(n[w > 0], w[w > 0]) for n, w in pairs]
+    low = min(n.min() for n, _ in pairs)
+    high = max(n.max() for n, _ in pairs)
+    pad = 0.01 * (high - low or abs(high) or 1.0)
+    edges = np.linspace(low - pad, high + pad, bins + 1)
+    grid = np.stack([np.histogram(n, bins=edges, weights=w)[0] for n, w in pairs], axis=1)
+    x = np.asarray(positions, dtype=float)
+    half = np.diff(x) / 2 if x.size > 1 else np.array([0.5])
+    x_edges = np.concatenate([[x[0] - half[0]], x[:-1] + half, [x[-1] + half[-1]]])
+    shown = np.ma.masked_less_equal(grid, 0)
+    mesh = ax.pcolormesh(x_edges, edges, shown, cmap="viridis", shading="flat",
+                         norm=LogNorm(vmin=shown.min(), vmax=max(shown.max(), shown.min() * 1.0001)))
+    ax.figure.colorbar(mesh, ax=ax, label="stem weight")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("eigenvalue")
+    if title:
+        ax.set_title(title, fontsize=9)
+
+
+def series(ax, x, y, xlabel: str = "epoch", ylabel: str = "", title: str | None = None,
+           color: str = "tab:red", label: str | None = None) -> None:
+    """One quantity over training: markers joined by a line (integer ticks when ``x`` is integral)."""
+    from matplotlib.ticker import MaxNLocator
+
+    x = np.asarray(x, dtype=float)
+    ax.plot(x, np.asarray(y, dtype=float), marker="o", markersize=3, color=color, label=label)
+    if np.all(x == np.round(x)):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(xlabel)
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=9)
+    if label:
+        ax.legend(fontsize=7)
 
 
 def cdf(ax, measure, per_vector=(), exact=None, title: str | None = None, points: int = 400) -> None:

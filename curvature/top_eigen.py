@@ -200,7 +200,8 @@ def _orthonormalise(w: torch.Tensor, bases: list, scale: float, gen) -> tuple[to
 def top_eigenpairs(A, k: int, which: str = "largest", tol: float = 1e-4, max_matvecs: int = 2000,
                    basis_size: Optional[int] = None, block_size: int = 1, seed: int = 0,
                    dim: Optional[int] = None, dtype: Optional[torch.dtype] = None, device=None,
-                   zero_floor: Optional[float] = None, verify: bool = True) -> EigenpairResult:
+                   zero_floor: Optional[float] = None, verify: bool = True,
+                   start_vectors: Optional[torch.Tensor] = None) -> EigenpairResult:
     """The ``k`` eigenpairs of ``A`` at the ``which`` end, each to relative residual ``tol``.
 
     Thick-restart block Lanczos with locking: the basis grows to ``basis_size`` columns (default
@@ -213,6 +214,9 @@ def top_eigenpairs(A, k: int, which: str = "largest", tol: float = 1e-4, max_mat
     most wanted pairs among the locked and current ones have converged, or after ``max_matvecs``
     products (then ``converged`` says which did). ``verify`` spends ``k`` more products on the true
     residuals. ``zero_floor``: see the module docstring (default ``sqrt(eps)`` of the dtype).
+    ``start_vectors`` (P,) or (P, c) with ``c <= block_size``: the first columns of the start block
+    (need not be normalised; a warm start, e.g. the Ritz vector of a nearby operator); the other
+    ``block_size - c`` columns are the seeded random ones.
     """
     op = _Operator(A, dim, dtype, device)
     P, dt, dev, b = op.dim, op.dtype, op.device, int(block_size)
@@ -232,6 +236,9 @@ def top_eigenpairs(A, k: int, which: str = "largest", tol: float = 1e-4, max_mat
     V = torch.zeros(P, m + 2 * b, dtype=dt, device=dev)  # a block may overshoot m by b - 1
     H = torch.zeros(m + 2 * b, m + 2 * b, dtype=torch.float64)
     start = random_start_vectors(P, b, seed=seed, dtype=dt, device=dev)
+    if start_vectors is not None:
+        given = _given_start(start_vectors, P, b)
+        start[:, :given.shape[1]] = given.to(dtype=dt, device=dev)
     V[:, :b], _ = _orthonormalise(start, [], 1.0, gen)
     processed, filled, scale = 0, b, 0.0
     history, notes, cycles = [], [], 0
@@ -323,6 +330,18 @@ def top_eigenpairs(A, k: int, which: str = "largest", tol: float = 1e-4, max_mat
                      f"products (max_matvecs={max_matvecs})")
     return EigenpairResult(values, vectors, residuals, estimates_k, converged, op.count - verification,
                            verification, cycles, "lanczos", which, float(tol), float(result_floor), history, notes)
+
+
+def _given_start(start_vectors: torch.Tensor, dim: int, block_size: int) -> torch.Tensor:
+    """The given start columns as a (P, c) block of unit vectors, checked."""
+    v = start_vectors.unsqueeze(1) if start_vectors.dim() == 1 else start_vectors
+    if v.dim() != 2 or v.shape[0] != dim or not 1 <= v.shape[1] <= block_size:
+        raise ValueError(f"start_vectors must be (P,) or (P, c) with P={dim} and 1 <= c <= block_size="
+                         f"{block_size}, got shape {tuple(start_vectors.shape)}")
+    norms = v.norm(dim=0, keepdim=True)
+    if not bool(torch.isfinite(v).all()) or bool((norms == 0).any()):
+        raise ValueError("start_vectors must be finite and non-zero")
+    return v / norms
 
 
 def _collect(locked_vecs, locked_vals, locked_estimates, basis, theta, S, relative, which, k, dtype, device):

@@ -264,7 +264,7 @@ def _reduce_hint(cfg) -> str:
 def cli(hydra_main: Callable[[], Any], config_name: str = "config") -> None:
     """Call the ``@hydra.main`` function; turn what Hydra raises before (or around) the job into one
     line or one short paragraph. Exits with 2 (bad input) or 3 (a bug)."""
-    busy = _busy_run_dir(sys.argv[1:])
+    busy = _busy_run_dir(sys.argv[1:]) or _glob_of_values(sys.argv[1:])
     if busy:  # before Hydra writes .hydra/ into the folder of the run that owns it
         print(f"error: {busy}", file=sys.stderr, flush=True)
         sys.exit(2)
@@ -295,6 +295,32 @@ def _busy_run_dir(args: list[str]) -> str | None:
     folder = Path(dirs[-1].strip("'\"")).absolute()
     owner = live_owner(folder)
     return busy_message(folder, owner) if owner else None
+
+
+def _glob_of_values(args: list[str]) -> str | None:
+    """A multirun ``key=glob(...)`` on a key that is not a config group: the one-line refusal. Hydra's
+    glob() sweep filters the option names of a config group (conf/<group>/*.yaml), never files, so on
+    any other key it matches nothing and Hydra launches 0 jobs and exits 0."""
+    if not any(a in ("-m", "--multirun") for a in args):
+        return None
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import Glob
+
+    from experiments.config_source import config_dir
+    for arg in args:
+        if "glob(" not in arg:
+            continue
+        try:
+            override = OverridesParser.create().parse_override(arg)
+        except Exception:  # noqa: BLE001 - Hydra reports its own parse errors
+            continue
+        key = override.key_or_group
+        if isinstance(override.value(), Glob) and not (config_dir() / key).is_dir():
+            fix = ("analysis.checkpoint=<folder> (one run: every checkpoint-XXXXX.pt in it, in epoch order)"
+                   if key == "analysis.checkpoint" else f"{key}=<a>,<b>,<c> (the values, comma-separated)")
+            return (f"{arg}: Hydra's glob() sweeps the option names of a config group, not files, and {key} is "
+                    f"not a group: it would launch 0 jobs; give {fix}")
+    return None
 
 
 def describe_hydra(error: BaseException, config_name: str = "config") -> tuple[str, int]:

@@ -1,7 +1,8 @@
 """The saved Lanczos state of ``analysis=spectrum``: checkpoints, ``resume=true``, partial results.
 
 A spectrum run with ``analysis.checkpoint_every=k > 0`` (native engine) writes
-``lanczos-state-<operator>.pt`` (``matrix`` for matrix datasets) into its run folder, atomically,
+``lanczos-state-<operator>.pt`` (``matrix`` for matrix datasets; ``<checkpoint>-<operator>`` for a folder of
+checkpoints, :mod:`experiments.spectrum_checkpoints`) into its run folder, atomically,
 every ``k`` steps and when that operator's Lanczos run ends; the files are deleted once
 ``results.json`` is in place. After a crash or a kill,
 
@@ -16,6 +17,7 @@ naming it; keys in FREE_KEYS (step count, plotting, checks, device, logging) may
 from __future__ import annotations
 
 import logging
+import tempfile
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -25,28 +27,60 @@ import torch
 from curvature.errors import SuiteError
 from curvature.io import torch_save_atomic
 from curvature.lanczos import LanczosNumericalError
+from curvature.lanczos_basis import BASIS_KINDS
 from experiments import validate as V
 
 log = logging.getLogger(__name__)
 STATE_PREFIX = "lanczos-state-"
+BASIS_PREFIX = "lanczos-basis-"
 #: Keys that do not change the Lanczos sequence (or only at rounding level): free to differ on resume.
 FREE_KEYS = ("output_dir", "overwrite", "resume", "logger", "run_name", "experiment_id", "device",
              "distributed", "analysis.num_steps", "analysis.report_steps", "analysis.checkpoint_every",
              "analysis.lanczos_engine", "analysis.operators", "analysis.save_ritz_vectors",
              "analysis.exact_max_dim", "analysis.histogram_bins", "analysis.show_diagonal",
              "analysis.tolerances", "analysis.compare_vectors", "analysis.expect_negative_mass",
-             "analysis.require_checkpoint", "operator.hvp_mode", "operator.check_deterministic",
-             "operator.cache", "operator.layerwise")
+             "analysis.require_checkpoint", "analysis.negative_band", "operator.hvp_mode",
+             "operator.check_deterministic", "operator.cache", "operator.layerwise",
+             "analysis.basis_device", "analysis.basis_dir", "analysis.basis_chunk_mb")
 
 
 def validate(cfg) -> dict:
-    """``analysis.checkpoint_every`` and ``analysis.lanczos_engine``, checked together."""
+    """``analysis.checkpoint_every``, ``analysis.lanczos_engine`` and where the basis lives, checked
+    together."""
     every = V.integer(cfg, "analysis.checkpoint_every", minimum=0, example="analysis.checkpoint_every=10")
     engine = V.choice(cfg, "analysis.lanczos_engine", ["native", "gpytorch"])
     if engine == "gpytorch" and every > 0:
         raise V.ConfigError("analysis.checkpoint_every", every, "only the native engine can save its "
                             "state (GPyTorch's loop cannot be checkpointed)", "analysis.checkpoint_every=0")
-    return {"checkpoint_every": every, "lanczos_engine": engine}
+    return {"checkpoint_every": every, "lanczos_engine": engine, **_validate_basis(cfg, engine)}
+
+
+def _validate_basis(cfg, engine: str) -> dict:
+    """``analysis.basis_device`` / ``basis_dir`` / ``basis_chunk_mb``; a disk folder is probed now,
+    before any work (null: the run folder, which the run harness probes)."""
+    kind = V.choice(cfg, "analysis.basis_device", list(BASIS_KINDS), "analysis.basis_device=cpu")
+    if kind != "device" and engine != "native":
+        raise V.ConfigError("analysis.basis_device", kind, "only the native engine streams its basis "
+                            "(GPyTorch keeps it on the device)", "analysis.lanczos_engine=native")
+    folder = V.get(cfg, "analysis.basis_dir", None)
+    if folder is not None and kind == "disk":
+        try:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as error:
+            raise V.ConfigError("analysis.basis_dir", str(folder), "the Lanczos basis file cannot be written "
+                                f"there ({error.strerror or error})",
+                                "analysis.basis_dir=<a writable folder>") from None
+    return {"basis_device": kind, "basis_dir": None if folder is None else Path(folder),
+            "basis_chunk_mb": V.positive_number(cfg, "analysis.basis_chunk_mb", "analysis.basis_chunk_mb=256")}
+
+
+def basis_path(run, name: str) -> Path:
+    """The file of operator ``name``'s disk basis (one per process in a distributed run)."""
+    folder = run.settings.get("basis_dir") or run.out_dir
+    rank = f"-rank{run.rank}" if getattr(run, "dist_info", None) else ""
+    return Path(folder) / f"{BASIS_PREFIX}{name}{rank}.bin"
 
 
 def state_path(run, name: str) -> Path:
@@ -116,6 +150,9 @@ def lanczos_options(run, name: str, states: dict[str, dict]) -> dict:
     """Keyword arguments of :func:`curvature.lanczos.lanczos` for operator ``name``."""
     s = run.settings
     options: dict[str, Any] = {"engine": s["lanczos_engine"]}
+    if s.get("basis_device", "device") != "device":
+        options.update(basis_device=s["basis_device"], basis_chunk_mb=s["basis_chunk_mb"],
+                       basis_file=basis_path(run, name))
     if s["checkpoint_every"] > 0:
         path, print_ = state_path(run, name), fingerprint(run.config)
 
@@ -127,6 +164,9 @@ def lanczos_options(run, name: str, states: dict[str, dict]) -> dict:
         options.update(checkpoint=save, checkpoint_every=s["checkpoint_every"])
     if name in states:
         options["resume_state"] = states[name]
+        saved = states[name].get("basis_file")  # a disk basis: found beside the state if the folder moved
+        if saved is not None and not Path(saved).is_file() and basis_path(run, name).is_file():
+            options["resume_state"] = {**states[name], "basis_file": str(basis_path(run, name))}
         step = int(states[name]["step"])
         # curvature.lanczos notes the resume too; this note says it with the file: keep one of the two
         for n in {step, min(step, s["num_steps"])}:
@@ -138,9 +178,11 @@ def lanczos_options(run, name: str, states: dict[str, dict]) -> dict:
 
 
 def remove_states(run, names: list[str]) -> None:
-    """After results.json is in place the saved states are of no further use."""
-    if getattr(run, "is_main", True):
-        for name in names:
+    """After results.json is in place the saved states (and their disk bases) are of no further use."""
+    for name in names:
+        if (getattr(run, "settings", None) or {}).get("basis_device") == "disk":  # every process its own file
+            basis_path(run, name).unlink(missing_ok=True)
+        if getattr(run, "is_main", True):
             state_path(run, name).unlink(missing_ok=True)
 
 

@@ -9,6 +9,7 @@ analyses that pass ``allow_text=True``.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -123,6 +124,43 @@ def checkpoint_path(cfg: DictConfig, key: str) -> Optional[str]:
         raise V.ConfigError(key, path, "no such checkpoint file",
                             f"{key}=outputs/<run>/checkpoint-00010.pt")
     return None if path is None else str(path)
+
+
+#: The checkpoints analysis=train writes every ``analysis.save_freq`` epochs (not checkpoint-swa.pt).
+CHECKPOINT_FILE = re.compile(r"checkpoint-(\d+)\.pt")
+
+
+def checkpoint_files(cfg: DictConfig, key: str) -> Optional[list[str]]:
+    """A folder or a list of files and folders in ``key``: the checkpoint files it names, in order (a
+    folder: its ``checkpoint-XXXXX.pt`` in epoch order; ``checkpoint-swa.pt`` only when named). None when
+    ``key`` is null or one file. A missing entry, a folder without checkpoints or a file named twice is a
+    one-line error naming it."""
+    value = V.get(cfg, key, None)
+    if value is None or (isinstance(value, str) and not Path(value).is_dir()):
+        return None
+    entries = value if isinstance(value, list) else [value]
+    example = f"{key}=outputs/<train run>"
+    if not entries:
+        raise V.ConfigError(key, value, "an empty list names no checkpoint", example)
+    paths: list[str] = []
+    for entry in entries:
+        path = Path(str(entry))
+        if path.is_dir():
+            found = [f for f in path.iterdir() if CHECKPOINT_FILE.fullmatch(f.name) and f.is_file()]
+            if not found:
+                what = "is empty" if not any(path.iterdir()) else "holds no checkpoint-XXXXX.pt"
+                raise V.ConfigError(key, str(entry), f"the folder {what} (analysis=train writes one every "
+                                    "analysis.save_freq epochs; name checkpoint-swa.pt as a file)", example)
+            paths += [str(f) for f in sorted(found, key=lambda f: int(CHECKPOINT_FILE.fullmatch(f.name)[1]))]
+        elif path.is_file():
+            paths.append(str(path))
+        else:
+            raise V.ConfigError(key, str(entry), "no such checkpoint file or folder", example)
+    twice = next((p for i, p in enumerate(paths) if Path(p).resolve() in {Path(q).resolve() for q in paths[:i]}),
+                 None)
+    if twice is not None:
+        raise V.ConfigError(key, twice, "this checkpoint is named twice (a folder lists all of its own)", example)
+    return paths
 
 
 def require_trained(cfg: DictConfig, checkpoint: Optional[str],

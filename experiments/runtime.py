@@ -65,20 +65,22 @@ def resolve_device(cfg: DictConfig) -> torch.device:
 
 
 def resolve_distributed(cfg: DictConfig, device: torch.device):
-    """``distributed=true``: this process's rank info from torchrun's variables, and its device.
+    """``distributed=true`` (data sharded) or ``fsdp`` (model and Lanczos vectors sharded too): this
+    process's rank info from torchrun's variables, and its device.
 
     Validates only (no process group yet). CUDA runs use ``cuda:LOCAL_RANK``, one GPU per process.
     """
     flag = V.get(cfg, "distributed", False)
-    if not isinstance(flag, bool):
-        raise V.ConfigError("distributed", flag, "must be true or false", "distributed=true")
+    if not (isinstance(flag, bool) or flag == "fsdp"):
+        raise V.ConfigError("distributed", flag, "must be true or false, or fsdp", "distributed=true")
     if not flag:
         return None, device
+    word = "fsdp" if flag == "fsdp" else "true"
     info = env_info() or env_info_from_submitit()
     if info is None:
-        raise V.ConfigError("distributed", True, "distributed=true needs torchrun's RANK, WORLD_SIZE, "
+        raise V.ConfigError("distributed", flag, f"distributed={word} needs torchrun's RANK, WORLD_SIZE, "
                             "LOCAL_RANK, MASTER_ADDR and MASTER_PORT (or a SLURM/submitit job); launch with torchrun",
-                            "torchrun --nproc_per_node=2 -m experiments.run ... distributed=true")
+                            f"torchrun --nproc_per_node=2 -m experiments.run ... distributed={word}")
     if device.type == "cuda":
         visible = torch.cuda.device_count()  # 1 where the scheduler binds one GPU to each task
         if info.local_rank >= visible and visible != 1:
@@ -267,6 +269,11 @@ class Run:
     @property
     def world_size(self) -> int:
         return self.dist_info.world_size if self.dist_info else 1
+
+    @property
+    def fsdp(self) -> bool:
+        """``distributed=fsdp``: parameters sharded by FSDP2, and the Lanczos vectors like them."""
+        return bool(self.dist_info) and V.get(self.cfg, "distributed", False) == "fsdp"
 
     @property
     def is_main(self) -> bool:

@@ -146,7 +146,7 @@ RULES: dict[str, Rule] = {
     "experiment_id": Nullable(STR), "run_name": STR, "output_dir": Nullable(PATH), "overwrite": BOOL,
     "resume": Nullable(Either(BOOL, Rule("", lambda v: isinstance(v, str) and v.endswith(".pt")),
                               text="must be null, true, false or the path of a checkpoint-XXXXX.pt")),
-    "distributed": BOOL,
+    "distributed": Either(BOOL, Choice("fsdp"), text="must be true or false, or fsdp"),
     # analysis: shared names
     "analysis.checkpoint": Nullable(PATH), "analysis.checkpoints": CHECKPOINTS,
     "analysis.checkpoint_dir": Nullable(PATH), "analysis.checkpoints_dir": Nullable(PATH),
@@ -163,6 +163,11 @@ RULES: dict[str, Rule] = {
     "analysis.targets.*": POSITIVE,
     # spectrum
     "analysis[spectrum].exact_max_dim": Either(Choice("auto"), COUNT, text="must be auto or an integer >= 0"),
+    "analysis[spectrum].checkpoint": Nullable(Either(PATH, ListOf(PATH, 1), text="must be a checkpoint file, a "
+                                                     "folder of them or a non-empty list of files and folders")),
+    "analysis[spectrum].negative_band": Num(0, 1, strict_hi=True),
+    "analysis[spectrum].basis_device": Choice("device", "cpu", "disk"),
+    "analysis[spectrum].basis_dir": Nullable(PATH), "analysis[spectrum].basis_chunk_mb": POSITIVE,
     "analysis.lanczos_engine": Choice("native", "gpytorch"), "analysis.checkpoint_every": COUNT,
     "analysis.report_steps": Nullable(Either(POSITIVE_INT, ListOf(POSITIVE_INT, 1),
                                              text="must be null or a non-empty list of integers >= 1")),
@@ -202,6 +207,15 @@ RULES: dict[str, Rule] = {
     "analysis.lr_final_ratio": Num(0, 1, strict_lo=True), "analysis.save_freq": POSITIVE_INT,
     "analysis.eval_batch_size": POSITIVE_INT, "analysis.target_test_accuracy": Nullable(PROBABILITY),
     "analysis.swa.start": COUNT, "analysis.swa.lr": POSITIVE, "analysis.step_cost_repeats": POSITIVE_INT,
+    "analysis[train].curvature.every": COUNT,
+    "analysis[train].curvature.quantities": ListOf(Choice("top_eigenvalue", "trace", "spectrum"), 1),
+    "analysis[train].curvature.operator": Choice("hessian", "ggn"),
+    "analysis[train].curvature.bn_mode": Choice("train", "eval"),
+    "analysis[train].curvature.data.num_samples": Nullable(POSITIVE_INT),
+    "analysis[train].curvature.data.batch_size": POSITIVE_INT, "analysis[train].curvature.tol": POSITIVE,
+    "analysis[train].curvature.max_matvecs": POSITIVE_INT, "analysis[train].curvature.trace_probes": POSITIVE_INT,
+    "analysis[train].curvature.spectrum_steps": POSITIVE_INT,
+    "analysis[train].curvature.spectrum_vectors": POSITIVE_INT,
     # weight_esd
     "analysis[weight_esd].conv2d": Choice("slices", "per_slice", "unfold"), "analysis.svd_max_dim": POSITIVE_INT,
     "analysis[weight_esd].lanczos_steps": Int(2), "analysis.lanczos_tol": POSITIVE, "analysis.min_evals": Int(2),
@@ -246,6 +260,9 @@ RULES: dict[str, Rule] = {
     "operator.batch_size": POSITIVE_INT,
     "operator.hvp_mode": Choice("auto", "forward_over_reverse", "reverse_over_reverse"),
     "operator.layerwise": Choice("auto", True, False), "operator.cache": Nullable(Choice("auto", "all", "none")),
+    "operator.product": Choice("exact", "finite_difference"),
+    "operator.fd_step": Either(Choice("auto"), Num(0, MAX_SCALE, strict_lo=True),
+                               text="must be auto or a finite number > 0"),
     # optimizer
     "optimizer.lr": POSITIVE, "optimizer.momentum": PROBABILITY, "optimizer.weight_decay": NONNEGATIVE,
     "optimizer.betas": ListOf(Num(0, 1, strict_hi=True), length=2), "optimizer.eps": POSITIVE,

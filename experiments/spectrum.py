@@ -23,6 +23,7 @@ from experiments import lanczos_state
 from experiments import validate as V
 from experiments.matrices import build_matrix, validate_matrix_dataset
 from experiments.runtime import Run
+from experiments.spectrum_checkpoints import run_series, validate_series
 from experiments.spectrum_network import record_uncertainty, run_network, validate_network
 
 # analysis.exact_max_dim=auto on a matrix dataset: the matrix is already in memory and eigh of a
@@ -42,7 +43,10 @@ def validate(cfg: DictConfig) -> dict:
                                 "(Lanczos on an n x n matrix takes at most n steps)",
                                 f"analysis.num_steps={dataset['n']}")
         return {**common, "kind": "matrix", "dataset": dataset}
-    return {**validate_network(cfg, common), "kind": "network"}
+    settings = {**validate_network(cfg, common), "kind": "network"}
+    if settings["checkpoints"]:  # a folder or a list of checkpoints: one spectrum each
+        validate_series(cfg, settings)
+    return settings
 
 
 def _validate_common(cfg: DictConfig) -> dict:
@@ -70,7 +74,7 @@ def _validate_common(cfg: DictConfig) -> dict:
 def run(cfg: DictConfig) -> dict:
     with Run(cfg, "spectrum", validate=validate) as run:
         if run.settings["kind"] == "network":
-            return run_network(run)
+            return run_series(run) if run.settings["checkpoints"] else run_network(run)
         s = run.settings
         states = lanczos_state.load_states(run, ["matrix"])
         problem = build_matrix(s["dataset"], run.dtype, run.device)

@@ -39,11 +39,12 @@ from curvature.operators import CACHE_MODES, OPERATORS, make_operator
 from curvature.spectrum import SpectralMeasure, uncertainty
 from curvature.training import peak_memory_bytes
 from experiments import blocks as B
+from experiments import fsdp as fsdp_route
 from experiments import lanczos_state
 from experiments import validate as V
 from experiments.loss_config import build_loss, validate_loss
-from experiments.networks import (build_network, checkpoint_path, load_data, require_trained,
-                                  validate_image_dataset, validate_model)
+from experiments.networks import (build_network, checkpoint_files, checkpoint_path, load_data,
+                                  require_trained, validate_image_dataset, validate_model)
 from experiments.runtime import Run
 
 DENSE_CHUNK = 32     # unit vectors per product while building the dense matrix (operator_matrix's default)
@@ -52,7 +53,8 @@ AUTO_MAX_DIM = 4000  # exact_max_dim=auto never goes past the old default: the e
 PROBE_SHARE = 0.25   # auto's timing probe costs at most this share of the Lanczos run, even when a
                      # block of products is no faster than its columns one by one
 
-def validate_operator(cfg: DictConfig) -> dict:
+def validate_operator(cfg: DictConfig, finite_difference: bool = False) -> dict:
+    """The operator settings; ``finite_difference``: the analysis passes ``o["product"]`` to ``make_operator``."""
     ops = V.get(cfg, "analysis.operators", None)
     if ops is None:
         ops = [V.choice(cfg, "operator.name", list(OPERATORS), "operator=hessian")]
@@ -73,7 +75,28 @@ def validate_operator(cfg: DictConfig) -> dict:
             V.choice(cfg, "operator.cache", list(CACHE_MODES)),
             "layerwise": V.choice(cfg, "operator.layerwise", ["auto", True, False], "operator.layerwise=auto")
             if V.get(cfg, "operator.layerwise", None) is not None else "auto",
-            "fisher": fisher_options(cfg)}
+            "fisher": fisher_options(cfg), "product": product_options(cfg, ops, finite_difference)}
+
+
+def product_options(cfg: DictConfig, names: list, supported: bool) -> dict:
+    """``make_operator``'s ``product``, ``fd_step`` and ``richardson`` (:mod:`curvature.finite_difference`)."""
+    product = V.choice(cfg, "operator.product", ["exact", "finite_difference"], "operator.product=exact") \
+        if V.get(cfg, "operator.product", None) is not None else "exact"
+    if product == "exact":
+        return {"product": "exact"}
+    if not supported:
+        raise V.ConfigError("operator.product", product, "this analysis takes exact products only (finite "
+                            "differences run in analysis=spectrum and analysis=fd_error)", "operator.product=exact")
+    if any(name != "hessian" for name in names):
+        other = next(name for name in names if name != "hessian")
+        raise V.ConfigError("operator.product", product, f"finite differences are for the Hessian only: the "
+                            f"{other} keeps its exact route", "operator=hessian or operator.product=exact")
+    step = V.get(cfg, "operator.fd_step", "auto")
+    if step != "auto":
+        step = V.positive_number(cfg, "operator.fd_step", "operator.fd_step=auto")
+    richardson = V.boolean(cfg, "operator.richardson") if V.get(cfg, "operator.richardson", None) is not None \
+        else False
+    return {"product": product, "fd_step": step, "richardson": richardson}
 
 
 def fisher_options(cfg: DictConfig) -> dict:
@@ -88,15 +111,18 @@ def fisher_options(cfg: DictConfig) -> dict:
 
 def validate_network(cfg: DictConfig, common: dict) -> dict:
     dataset = validate_image_dataset(cfg, allow_text=True)
+    series = checkpoint_files(cfg, "analysis.checkpoint")  # a folder or a list: experiments/spectrum_checkpoints.py
     settings = {**common, "dataset": dataset, "model": validate_model(cfg),
                 "blocks": B.validate(cfg),
-                "operator": validate_operator(cfg),
-                "checkpoint": checkpoint_path(cfg, "analysis.checkpoint"),
+                "operator": validate_operator(cfg, finite_difference=True),
+                "checkpoint": series[0] if series else checkpoint_path(cfg, "analysis.checkpoint"),
+                "checkpoints": series,
                 "data_split": V.choice(cfg, "analysis.data_split", ["train", "test"]),
                 "compare_vectors": V.boolean(cfg, "analysis.compare_vectors"),
                 "expect_negative_mass": V.boolean(cfg, "analysis.expect_negative_mass"),
                 "supports_distributed": True}  # distributed=true: batches sharded, products all-reduced
     require_trained(cfg, settings["checkpoint"])
+    fsdp_route.validate(cfg, settings)  # distributed=fsdp: Hessian by finite differences, no saved vectors
     if settings["compare_vectors"] and settings["num_vectors"] < 2:
         raise V.ConfigError("analysis.num_vectors", settings["num_vectors"],
                             "compare_vectors needs at least two start vectors", "analysis.num_vectors=2")
@@ -130,46 +156,9 @@ def run_network(run: Run) -> dict:
     V.parameter_names(model, o["params"])  # so is a glob list matching no parameter
     cost, panels, block_rows, error_rows = [], [], [], []
     for name in o["names"]:
-        op = make_operator(name, model, loss_fn, batches, bn_mode=o["bn_mode"], params=o["params"],
-                           mode=o["hvp_mode"], check_deterministic=o["check_deterministic"], cache=o["cache"],
-                           layerwise=o["layerwise"], **o["fisher"])
-        if run.dist_info:
-            op = DistributedOperator(op)
-        if run.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(run.device)
-        op.num_products, op.product_seconds = 0, 0.0
-        start = time.perf_counter()
-        with lanczos_state.keep_partial(run, name, prefix=f"{name}_"):
-            result = lanczos(op.matvec, op.num_params, s["num_steps"], num_vectors=s["num_vectors"],
-                             seed=run.seed, dtype=run.dtype, device=run.device, start_kind=s["start_vector"],
-                             return_vectors=s["save_ritz_vectors"], progress=True,
-                             **lanczos_state.lanczos_options(run, name, states))
-        seconds = time.perf_counter() - start
-        for note in result.notes:
-            run.note(f"{name}: {note}")
-        if describe_splits(op):  # CUDA OOM: products fell back to micro-batches
-            run.note(f"{name}: {describe_splits(op)}")
-            run.metric(f"{name}_oom_split_batches", len(op.oom_splits))
-        steps = int(result.num_steps.max())
-        run.note(f"{name} products: {op.engine}" + (f" ({op.layerwise_reason})" if op.engine != "layerwise" else "")
-                 + f"; loss {op.loss.describe()}")
-        for note in op.notes:
-            run.note(f"{name}: {note}")
-        if not op.forward_ad:
-            run.note(f"{name}: reverse-mode products only (no forward-mode AD: {op.forward_ad_reason})")
-        if name == "hessian" and op.engine != "layerwise":
-            run.note(f"hessian-vector products: {op.mode}" +
-                     (f" (auto: {', '.join(f'{k} {v:.3g} s' for k, v in op.mode_seconds.items())})"
-                      if op.mode_seconds else ""))
-        mode = "layerwise" if op.engine == "layerwise" else getattr(op, "mode", "dual_forward")
-        cost.append({"operator": name, "product_mode": mode, "num_params": op.num_params, "num_samples": len(data),
-                     "lanczos_steps": steps, "operator_products": op.num_products,
-                     "seconds_total": seconds, "seconds_per_iteration": seconds / max(op.num_products, 1),
-                     "seconds_per_product": op.product_seconds / max(op.num_products, 1),
-                     "lanczos_overhead_fraction": 1 - op.product_seconds / seconds if seconds else 0.0,
-                     "peak_memory_bytes": peak_memory_bytes(run.device),
-                     "peak_memory_kind": "cuda_max_allocated" if run.device.type == "cuda" else "process_max_rss",
-                     "device": str(run.device), "dtype": str(run.dtype).replace("torch.", "")})
+        op = build_operator(run, s, name, model, loss_fn, batches)
+        result, seconds, row = operator_spectrum(run, s, name, op, len(data), states)
+        cost.append(row)
         run.metric(f"{name}_seconds_per_iteration", cost[-1]["seconds_per_iteration"])
         run.metric(f"{name}_peak_memory_bytes", cost[-1]["peak_memory_bytes"])
         measure = SpectralMeasure.from_lanczos(result)
@@ -197,6 +186,64 @@ def run_network(run: Run) -> dict:
                          operator={**o, "names": o["names"]}, checkpoint=s["checkpoint"], data=samples)
     lanczos_state.remove_states(run, o["names"])
     return results
+
+
+def build_operator(run: Run, s: dict, name: str, model: nn.Module, loss_fn, batches):
+    """The curvature operator ``name`` of ``model`` over ``batches``, as ``s["operator"]`` sets it up."""
+    o = s["operator"]
+    if run.fsdp:  # parameters and Lanczos vectors sharded (experiments/fsdp.py)
+        return fsdp_route.build(run, s, model, loss_fn, batches)
+    op = make_operator(name, model, loss_fn, batches, bn_mode=o["bn_mode"], params=o["params"],
+                       mode=o["hvp_mode"], check_deterministic=o["check_deterministic"], cache=o["cache"],
+                       layerwise=o["layerwise"], **o["fisher"], **o["product"])
+    return DistributedOperator(op) if run.dist_info else op
+
+
+def operator_spectrum(run: Run, s: dict, name: str, op, num_samples: int, states: dict,
+                      key: str | None = None, label: str = "") -> tuple:
+    """Lanczos on ``op`` with the run's start vectors: ``(result, seconds, cost-table row)``, the notes
+    on how the products ran. ``key`` names its saved Lanczos state (default ``name``); ``label``
+    prefixes the notes that belong to this run of it alone (the checkpoint, in a series)."""
+    key = key or name
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
+    op.num_products, op.product_seconds = 0, 0.0
+    start = time.perf_counter()
+    memory = {}  # distributed=fsdp: bytes per rank
+    with lanczos_state.keep_partial(run, key, prefix=f"{key}_"):
+        if run.fsdp:
+            result, memory = fsdp_route.spectrum(run, s, op, name)
+        else:
+            result = lanczos(op.matvec, op.num_params, s["num_steps"], num_vectors=s["num_vectors"],
+                             seed=run.seed, dtype=run.dtype, device=run.device, start_kind=s["start_vector"],
+                             return_vectors=s["save_ritz_vectors"], progress=True,
+                             **lanczos_state.lanczos_options(run, key, states))
+    seconds = time.perf_counter() - start
+    for note in result.notes:
+        run.note(f"{label}{name}: {note}")
+    if describe_splits(op):  # CUDA OOM: products fell back to micro-batches
+        run.note(f"{label}{name}: {describe_splits(op)}")
+        run.metric(f"{name}_oom_split_batches", len(op.oom_splits))
+    run.note(f"{name} products: {op.engine}" + (f" ({op.layerwise_reason})" if op.engine != "layerwise" else "")
+             + f"; loss {op.loss.describe()}")
+    for note in op.notes:
+        run.note(f"{name}: {note}")
+    if not op.forward_ad:
+        run.note(f"{name}: reverse-mode products only (no forward-mode AD: {op.forward_ad_reason})")
+    if name == "hessian" and op.engine != "layerwise":
+        run.note(f"hessian-vector products: {op.mode}" +
+                 (f" (auto: {', '.join(f'{k} {v:.3g} s' for k, v in op.mode_seconds.items())})"
+                  if op.mode_seconds else ""))
+    mode = "layerwise" if op.engine == "layerwise" else getattr(op, "mode", "dual_forward")
+    row = {"operator": name, "product_mode": mode, "num_params": op.num_params, "num_samples": num_samples,
+           "lanczos_steps": int(result.num_steps.max()), "operator_products": op.num_products,
+           "seconds_total": seconds, "seconds_per_iteration": seconds / max(op.num_products, 1),
+           "seconds_per_product": op.product_seconds / max(op.num_products, 1),
+           "lanczos_overhead_fraction": 1 - op.product_seconds / seconds if seconds else 0.0,
+           "peak_memory_bytes": peak_memory_bytes(run.device),
+           "peak_memory_kind": "cuda_max_allocated" if run.device.type == "cuda" else "process_max_rss",
+           "device": str(run.device), "dtype": str(run.dtype).replace("torch.", "")}
+    return result, seconds, {**row, **memory}
 
 
 def record_uncertainty(run: Run, result, zero_node: float, prefix: str = "", suffix: str = "",
@@ -230,6 +277,10 @@ def _exact_eigenvalues(run: Run, s: dict, name: str, op, lanczos_seconds: float)
     cost = {"exact": "off", "exact_seconds": 0.0, "exact_estimated_seconds": None}
     if limit == 0:
         return None, cost
+    if run.fsdp:
+        run.note(f"{name}: no exact eigenvalues under distributed=fsdp (the dense {p} x {p} matrix is what "
+                 "sharding avoids)")
+        return None, {**cost, "exact": "skipped: fsdp"}
     if p > (AUTO_MAX_DIM if limit == "auto" else limit):
         run.note(f"{name}: no exact eigenvalues: {p} parameters > analysis.exact_max_dim={limit}" +
                  (f" (auto builds up to {AUTO_MAX_DIM})" if limit == "auto" else ""))
@@ -346,21 +397,12 @@ def _record(run: Run, s: dict, name: str, op, model, result, measure, exact) -> 
         run.array(f"{name}_{key}", getattr(result, key))
     for key, value in measure.summary().items():
         run.metric(f"{name}_{key}", value)
-    top, bottom = float(measure.nodes.max()), float(measure.nodes.min())
-    if name in ("ggn", "fisher"):
-        run.check(f"{name}_psd", bottom / abs(top) if top else 0.0, f"min Ritz value >= -{tol['psd']:g} x max",
-                  bottom >= -tol["psd"] * abs(top))
-    if name == "hessian" and s["expect_negative_mass"]:
-        weight = measure.summary()["negative_weight"]
-        run.check("hessian_negative_mass", weight, "> 0 (the Hessian is indefinite)", weight > 0)
+    operator_checks(run, s, name, measure, exact)
     if exact is not None:
         run.array(f"{name}_exact_eigenvalues", exact)
         run.metric(f"{name}_wasserstein_to_exact", measure.wasserstein(exact))
         run.metric(f"{name}_exact_max_eigenvalue", float(exact.max()))
         run.metric(f"{name}_exact_min_eigenvalue", float(exact.min()))
-        err = abs(top - float(exact.max())) / abs(float(exact.max()))
-        run.check(f"{name}_top_ritz_vs_exact", err, "|max Ritz value - max eigenvalue| / max <= 1e-3",
-                  err <= 1e-3)
     if s["compare_vectors"]:
         _compare_vectors(run, name, result, tol["vectors"])
     if result.ritz_vectors is not None and run.is_main:
@@ -371,6 +413,24 @@ def _record(run: Run, s: dict, name: str, op, model, result, measure, exact) -> 
             "param_shapes": [tuple(named[n].shape) for n in op.names], "num_params": op.num_params,
             "model": s["model"], "checkpoint": s["checkpoint"], "operator": name})
         run.note(f"Ritz vectors of the {name}: ritz_vectors_{name}.pt")
+
+
+def operator_checks(run: Run, s: dict, name: str, measure, exact, suffix: str = "") -> None:
+    """The checks of one operator's measure: the GGN / Fisher have no negative stems, the Hessian has
+    negative mass (``expect_negative_mass``), the top stem is the top exact eigenvalue; ``suffix`` ends
+    the check names (the checkpoint, in a series)."""
+    tol = s["tolerances"]
+    top, bottom = float(measure.nodes.max()), float(measure.nodes.min())
+    if name in ("ggn", "fisher"):
+        run.check(f"{name}_psd{suffix}", bottom / abs(top) if top else 0.0,
+                  f"min Ritz value >= -{tol['psd']:g} x max", bottom >= -tol["psd"] * abs(top))
+    if name == "hessian" and s["expect_negative_mass"]:
+        weight = measure.summary()["negative_weight"]
+        run.check(f"hessian_negative_mass{suffix}", weight, "> 0 (the Hessian is indefinite)", weight > 0)
+    if exact is not None:
+        err = abs(top - float(exact.max())) / abs(float(exact.max()))
+        run.check(f"{name}_top_ritz_vs_exact{suffix}", err, "|max Ritz value - max eigenvalue| / max <= 1e-3",
+                  err <= 1e-3)
 
 
 def _compare_vectors(run: Run, name: str, result, tol: float) -> None:

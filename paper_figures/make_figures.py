@@ -104,6 +104,8 @@ JOBS: dict[str, Job] = {
     "blocks_gpt": _network("blocks_gpt_vs_cnn_smoke", "blocks_gpt_vs_cnn_smoke", "train_gpt"),
     "blocks_cnn": _network("blocks_gpt_vs_cnn_smoke", "blocks_gpt_vs_cnn_smoke", "train_digits",
                            ("dataset=digits", "model=cnn", "dataset.num_subsamples=256")),
+    # beyond the paper: Cohen et al. (2021); the full preset at both scales (CPU, minutes): smaller shows no edge
+    "edge_of_stability": _same("edge_of_stability"),
 }
 
 # artefact -> (figure script, the jobs whose runs it reads), in PAPER.md's order
@@ -128,6 +130,7 @@ ARTEFACTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "lemma1": ("lemma1_one_vector", ("lemma1",)),
     "cost": ("cost", ("cost",)),
     "blocks": ("blocks_gpt_vs_cnn", ("blocks_gpt", "blocks_cnn")),
+    "edge_of_stability": ("edge_of_stability", ("edge_of_stability",)),
 }
 PLACEHOLDER = re.compile(r"\{(checkpoint|dir):(\w+)\}")
 

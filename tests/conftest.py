@@ -22,6 +22,16 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` (``pytest -m gpu``, the first step of ``make gpu-check``) skip without CUDA."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="gpu: needs CUDA (torch.cuda.is_available() is False here)")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything(request):
     """Every test starts from the same random state (torch, numpy, random), whatever ran before it:

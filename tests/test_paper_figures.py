@@ -172,7 +172,25 @@ def fixture(artefact: str, root: Path, ok: bool = True) -> list[Path]:
         return [blocks_run(root / model, model, h) for model, h in (("gpt_tiny", 0.3 if ok else 0.1), ("cnn", 0.2))]
     if artefact == "fig1":
         return fig1_fixture(root, [0.10, 0.12, 0.13] if ok else [0.10, 0.12, 0.30])
+    if artefact == "edge_of_stability":
+        return [edge_of_stability_run(root / "e", ok)]
     raise KeyError(artefact)
+
+
+def edge_of_stability_run(folder: Path, ok: bool) -> Path:
+    """Two variants whose sharpness rises to 2/eta; the failing one's MSE check failed in the run."""
+    variants = [{"name": "mse_lr0.5", "loss": "mse", "lr": 0.5},
+                {"name": "cross_entropy_lr1", "loss": "cross_entropy", "lr": 1.0}]
+    arrays, rows = {}, []
+    for v in variants:
+        steps = np.arange(0, 110, 10)
+        ratio = np.minimum(0.3 + 0.1 * np.arange(steps.size), 1.0)
+        arrays.update({f"{v['name']}_steps": steps, f"{v['name']}_sharpness": ratio * 2 / v["lr"],
+                       f"{v['name']}_loss": np.exp(-np.arange(101) / 50) * (1 + 0.05 * np.sin(np.arange(101)))})
+        rows.append({"variant": v["name"], "final_ratio_median": 1.0, "final_ratio_min": 0.97, "final_ratio_max": 1.0})
+    checks = {"mse_lr0.5_hovers_at_limit": (0.03, ok), "cross_entropy_lr1_reaches_limit": (1.0, True)}
+    return write_run(folder, "edge_of_stability", {"experiment_id": "edge_of_stability"}, checks, arrays,
+                     tables={"variants": rows}, variants=variants)
 
 
 def fig1_fixture(root: Path, newton_final: list[float]) -> list[Path]:

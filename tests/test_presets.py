@@ -45,6 +45,9 @@ SMOKE = {
     "thm1": ["dataset.n=200"], "thm2": ["dataset.n=200", "analysis.thm2.num_draws=5"],
     "table1": ["analysis.table1.empirical_dim=200"], "lemma1": ["analysis.lemma1.sizes=[50,100,200,400]"],
     "thm5": ["dataset.n=200"],
+    **{name: ["dataset.num_subsamples=64", "model.hidden=[4]", "analysis.num_steps=6", "analysis.measure_every=3",
+              "analysis.mse_learning_rates=[0.4]", "analysis.cross_entropy_learning_rates=[1.0]"]
+       for name in ("edge_of_stability", "edge_of_stability_smoke")},
     "fig5": ["dataset.n=200"], "fig6_diagonal": ["dataset.n=200"],
     **{name: ["dataset.fake=true", "dataset.num_subsamples=64", "dataset.fake_train=128", "dataset.fake_test=32",
               "model.width=0.0625", "analysis.lanczos_steps=8", "analysis.require_checkpoint=false",

@@ -12,24 +12,31 @@ import torch
 from torch import nn
 
 
+#: The MLP's hidden activations: ReLU (the default) or tanh, smooth, as in Cohen et al. (2021)'s
+#: edge-of-stability networks.
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
+
+
 class MLP(nn.Module):
-    """Flatten, then Linear-ReLU for each hidden size, then Linear to the logits.
+    """Flatten, then Linear-activation (``activation``: relu or tanh) for each hidden size, then Linear.
 
     Input (N, in_channels, input_size, input_size) -> (N, num_classes). With the defaults
     (1x8x8 digits, hidden [64, 64], 10 classes): 64*64+64 + 64*64+64 + 64*10+10 = 8,970 parameters.
     """
 
     def __init__(self, num_classes: int = 10, hidden: Sequence[int] = (64, 64), in_channels: int = 1,
-                 input_size: int = 8):
+                 input_size: int = 8, activation: str = "relu"):
         super().__init__()
         hidden = [int(h) for h in hidden]
         if any(h < 1 for h in hidden):
             raise ValueError(f"MLP hidden sizes must be positive integers, got {hidden}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"MLP activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
         self.input_shape = (in_channels, input_size, input_size)
         layers: list[nn.Module] = [nn.Flatten()]
         in_features = in_channels * input_size * input_size
         for size in hidden:
-            layers += [nn.Linear(in_features, size), nn.ReLU(inplace=False)]
+            layers += [nn.Linear(in_features, size), ACTIVATIONS[activation]()]
             in_features = size
         layers.append(nn.Linear(in_features, num_classes))
         self.net = nn.Sequential(*layers)
