@@ -30,8 +30,10 @@ demo: install
 	$(PY) -m experiments.run experiment=demo_spectrum analysis.checkpoint=$(DEMO)/train/checkpoint-00010.pt \
 		hydra.run.dir=$(DEMO)/spectrum overwrite=true
 
+# Two pytest workers (pytest-xdist): the suite is CPU-bound, about 20 min on 2 cores; WORKERS=0 runs in one process.
+WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(if $(filter 0,$(WORKERS)),,-n $(WORKERS))
 
 test-all: install
 	$(PY) -m pytest -q -m "slow or not slow"
