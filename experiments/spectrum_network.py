@@ -86,7 +86,7 @@ def product_options(cfg: DictConfig, names: list, supported: bool) -> dict:
         return {"product": "exact"}
     if not supported:
         raise V.ConfigError("operator.product", product, "this analysis takes exact products only (finite "
-                            "differences run in analysis=spectrum and analysis=fd_error)", "operator.product=exact")
+                            "differences run in analysis=spectrum, trace, top_eigen and fd_error)", "operator.product=exact")
     if any(name != "hessian" for name in names):
         other = next(name for name in names if name != "hessian")
         raise V.ConfigError("operator.product", product, f"finite differences are for the Hessian only: the "
@@ -193,10 +193,16 @@ def build_operator(run: Run, s: dict, name: str, model: nn.Module, loss_fn, batc
     o = s["operator"]
     if run.fsdp:  # parameters and Lanczos vectors sharded (experiments/fsdp.py)
         return fsdp_route.build(run, s, model, loss_fn, batches)
-    op = make_operator(name, model, loss_fn, batches, bn_mode=o["bn_mode"], params=o["params"],
-                       mode=o["hvp_mode"], check_deterministic=o["check_deterministic"], cache=o["cache"],
-                       layerwise=o["layerwise"], **o["fisher"], **o["product"])
+    op = operator_from_settings(o, name, model, loss_fn, batches)
     return DistributedOperator(op) if run.dist_info else op
+
+
+def operator_from_settings(o: dict, name: str, model: nn.Module, loss_fn, batches):
+    """``make_operator`` with every setting of ``validate_operator``'s dict ``o`` (the one place that maps
+    the operator group onto the library's keywords; used by the spectrum, trace and top_eigen analyses)."""
+    return make_operator(name, model, loss_fn, batches, bn_mode=o["bn_mode"], params=o["params"],
+                         mode=o["hvp_mode"], check_deterministic=o["check_deterministic"], cache=o["cache"],
+                         layerwise=o["layerwise"], **o["fisher"], **o["product"])
 
 
 def operator_spectrum(run: Run, s: dict, name: str, op, num_samples: int, states: dict,

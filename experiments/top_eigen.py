@@ -31,14 +31,13 @@ import torch
 from omegaconf import DictConfig
 
 from curvature.dense import operator_matrix
-from curvature.operators import make_operator
 from curvature.top_eigen import CRITERIA, WHICH, power_iteration, select, top_eigenpairs
 from experiments import validate as V
 from experiments.loss_config import build_loss
 from experiments.networks import (checkpoint_path, require_trained,
                                   validate_image_dataset, validate_model)
 from experiments.runtime import Run
-from experiments.spectrum_network import network_data, validate_operator
+from experiments.spectrum_network import network_data, operator_from_settings, validate_operator
 
 
 def validate(cfg: DictConfig) -> dict:
@@ -56,7 +55,7 @@ def validate(cfg: DictConfig) -> dict:
          "exact_max_dim": V.integer(cfg, "analysis.exact_max_dim", minimum=0, example="analysis.exact_max_dim=2000"),
          "save_eigenvectors": V.boolean(cfg, "analysis.save_eigenvectors"),
          "dataset": validate_image_dataset(cfg, allow_text=True), "model": validate_model(cfg),
-         "operator": validate_operator(cfg), "checkpoint": checkpoint_path(cfg, "analysis.checkpoint"),
+         "operator": validate_operator(cfg, finite_difference=True), "checkpoint": checkpoint_path(cfg, "analysis.checkpoint"),
          "data_split": V.choice(cfg, "analysis.data_split", ["train", "test"])}
     if s["basis_size"] is not None and s["basis_size"] < s["k"] + s["block_size"] + 1:
         raise V.ConfigError("analysis.basis_size", s["basis_size"], "must be at least k + block_size + 1",
@@ -73,9 +72,7 @@ def run(cfg: DictConfig) -> dict:
         run.metric("num_samples", len(data))
         rows = []
         for name in o["names"]:
-            op = make_operator(name, model, loss_fn, batches, bn_mode=o["bn_mode"], params=o["params"],
-                               mode=o["hvp_mode"], check_deterministic=o["check_deterministic"],
-                               cache=o["cache"], layerwise=o["layerwise"])
+            op = operator_from_settings(o, name, model, loss_fn, batches)
             run.metric("num_params", op.num_params)
             rows += _solve(run, s, name, op)
         run.table("methods", rows)

@@ -33,7 +33,6 @@ import torch
 from omegaconf import DictConfig
 
 from curvature import diagonal as D
-from curvature.operators import make_operator
 from curvature.trace import DISTRIBUTIONS, hutchinson, hutchpp, slq_trace
 from experiments import validate as V
 from experiments.loss_config import build_loss, is_plain
@@ -42,7 +41,8 @@ from experiments.networks import (checkpoint_path, require_trained,
                                   validate_image_dataset, validate_model)
 from experiments.peer_trace import PEERS, peer_traces
 from experiments.runtime import Run
-from experiments.spectrum_network import _data_record, network_data, validate_operator
+from experiments.spectrum_network import (_data_record, network_data, operator_from_settings,
+                                          validate_operator)
 
 METHODS = ("hutchinson", "hutchpp", "slq")
 
@@ -71,7 +71,7 @@ def validate(cfg: DictConfig) -> dict:
                                 "dataset has none", "analysis.peers=[]")
         return {**s, "kind": "matrix", "dataset": validate_matrix_dataset(cfg)}
     s.update(kind="network", dataset=validate_image_dataset(cfg, allow_text=True), model=validate_model(cfg),
-             operator=validate_operator(cfg), checkpoint=checkpoint_path(cfg, "analysis.checkpoint"),
+             operator=validate_operator(cfg, finite_difference=True), checkpoint=checkpoint_path(cfg, "analysis.checkpoint"),
              data_split=V.choice(cfg, "analysis.data_split", ["train", "test"]))
     o = s["operator"]
     if peers and ("hessian" not in o["names"] or not is_plain(o) or o["loss"] != "cross_entropy" or o["params"]):
@@ -110,9 +110,7 @@ def _network(run: Run, s: dict) -> tuple[list[dict], dict]:
     loss_fn = build_loss(o)
     rows = []
     for name in o["names"]:
-        op = make_operator(name, model, loss_fn, batches, bn_mode=o["bn_mode"], params=o["params"],
-                           mode=o["hvp_mode"], check_deterministic=o["check_deterministic"], cache=o["cache"],
-                           layerwise=o["layerwise"])
+        op = operator_from_settings(o, name, model, loss_fn, batches)
         run.metric("num_params", op.num_params)
         run.note(f"{name} products: {op.engine}; loss {op.loss.describe()}")
         for note in op.notes:

@@ -195,7 +195,7 @@ def test_library_refuses_bad_options_in_one_line():
     (["operator.product=central"], "operator.product"),
     (["operator.product=finite_difference", "operator.fd_step=-1"], "operator.fd_step"),
     (["operator.product=finite_difference", "operator.richardson=maybe"], "operator.richardson"),
-    (["analysis=trace", "operator.product=finite_difference"], "operator.product"),
+    (["analysis=diagonal", "operator.product=finite_difference"], "operator.product"),
     (["analysis=fd_error", "analysis.dtypes=[float16]"], "analysis.dtypes"),
     (["analysis=fd_error", "operator=ggn"], "operator"),
 ])
