@@ -30,10 +30,12 @@ demo: install
 	$(PY) -m experiments.run experiment=demo_spectrum analysis.checkpoint=$(DEMO)/train/checkpoint-00010.pt \
 		hydra.run.dir=$(DEMO)/spectrum overwrite=true
 
-# Two pytest workers (pytest-xdist): the suite is CPU-bound, about 20 min on 2 cores; WORKERS=0 runs in one process.
+# Two pytest workers (pytest-xdist), one torch thread each (two workers with two threads each on two cores
+# ran tests/test_operators.py 5x slower: 115 s against 23 s), each module's tests on one worker (--dist
+# loadscope: its fixtures built once; loadgroup does not group with pytest 9.2). WORKERS=0: one process.
 WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q $(if $(filter 0,$(WORKERS)),,-n $(WORKERS))
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q $(if $(filter 0,$(WORKERS)),,-n $(WORKERS) --dist loadscope)
 
 test-all: install
 	$(PY) -m pytest -q -m "slow or not slow"

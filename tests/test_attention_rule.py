@@ -56,7 +56,8 @@ class AttentionClassifier(nn.Module):
 
 
 def gpt():
-    return GPTTiny(7, context=6, width=8, depth=2, heads=2)
+    """Two blocks of 2 heads of width 2 (583 parameters; the dense Hessian is built by P products)."""
+    return GPTTiny(7, context=6, width=4, depth=2, heads=2)
 
 
 #: model maker, targets per position (a language model) or per sequence, parameter subsets (None: all)

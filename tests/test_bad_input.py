@@ -291,6 +291,11 @@ CLI_IDS = [*IDS[:len(HAND_ROWS)],
            *{ROWS[IDS.index(i)][0]: i for i in reversed(DERIVED_IDS)}.values()]
 
 
+#: one xdist worker runs the whole module (under ``pytest --dist loadgroup``), so its module fixtures
+#: are built once, not once per worker
+pytestmark = pytest.mark.xdist_group("bad_input")
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, fake_cifar10):
     root = tmp_path_factory.mktemp("bad_input")

@@ -6,12 +6,18 @@ from pathlib import Path
 
 import pytest
 
+from tests.cli_batch import run_batch
 from tests.conftest import run_cli
 
 sys.path.insert(0, str(Path(__file__).parent))
 from wandb_files import read_run  # noqa: E402
 
 SMALL = ["dataset.n=150", "analysis.num_steps=10"]
+
+
+#: one xdist worker runs the whole module (under ``pytest --dist loadgroup``), so its module fixtures
+#: are built once, not once per worker
+pytestmark = pytest.mark.xdist_group("cli")
 
 
 def _complete(folder: Path) -> dict:
@@ -69,17 +75,34 @@ def test_preset_sweep_from_the_config(tmp_path):
     assert ratios == [0.25, 0.5]
 
 
-@pytest.mark.parametrize("override,key", [
+BAD_KEYS = [
     ("analysis.num_steps=0", "analysis.num_steps"),
     ("analysis.num_steps=abc", "analysis.num_steps"),
     ("dataset.n=-5", "dataset.n"),
     ("dtype=float16", "dtype"),
     ("device=tpu", "device"),
     ("analysis.report_steps=[5,999]", "analysis.report_steps"),
-])
-def test_bad_input_is_one_line_naming_the_key(override, key, tmp_path):
-    out = tmp_path / "bad"
-    proc = run_cli(override, "logger=none", f"hydra.run.dir={out}")
+]
+UNKNOWN_GROUPS = ["analysis", "dataset", "logger"]
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory):
+    """The bad-input runs below through the real CLI entry point, forked from one warmed-up interpreter
+    (tests/cli_batch.py; one interpreter start instead of nine). test_bad_ratio_for_marchenko_pastur and the
+    runs above keep a fresh ``python -m experiments.run`` each."""
+    root = tmp_path_factory.mktemp("cli_bad")
+    rows = [{"id": f"bad{i}", "args": [override, "logger=none"], "dir": str(root / f"bad{i}")}
+            for i, (override, _) in enumerate(BAD_KEYS)]
+    rows += [{"id": group, "args": [f"{group}=nonexistent"], "dir": str(root / group)} for group in UNKNOWN_GROUPS]
+    return root, run_batch(rows, root / "batch")
+
+
+@pytest.mark.parametrize("override,key", BAD_KEYS)
+def test_bad_input_is_one_line_naming_the_key(override, key, batch):
+    root, procs = batch
+    row_id = f"bad{BAD_KEYS.index((override, key))}"
+    out, proc = root / row_id, procs[row_id]
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr
@@ -97,9 +120,9 @@ def test_bad_ratio_for_marchenko_pastur(tmp_path):
     assert not (out / "results.json").exists() and not (out / "wandb").exists()
 
 
-@pytest.mark.parametrize("group", ["analysis", "dataset", "logger"])
-def test_unknown_option_fails_with_hydras_list_of_choices(group, tmp_path):
-    proc = run_cli(f"{group}=nonexistent", f"hydra.run.dir={tmp_path}")
+@pytest.mark.parametrize("group", UNKNOWN_GROUPS)
+def test_unknown_option_fails_with_hydras_list_of_choices(group, batch):
+    proc = batch[1][group]
     assert proc.returncode != 0
     assert f"Could not find '{group}/nonexistent'" in proc.stderr
     assert f"Available options in '{group}'" in proc.stderr

@@ -42,7 +42,8 @@ def _dense_top_eigenvalue(model, loss_fn, inputs, labels) -> float:
         weights = {n: c.view_as(p) for n, c, p in zip(names, chunks, params)}
         return loss_fn(functional_call(model, weights, (inputs,)), labels)
 
-    hessian = torch.autograd.functional.hessian(loss, torch.cat([p.reshape(-1) for p in params]))
+    flat = torch.cat([p.reshape(-1) for p in params])
+    hessian = torch.autograd.functional.hessian(loss, flat, vectorize=True)  # batched rows, not a P-step loop
     return float(torch.linalg.eigvalsh(hessian)[-1])
 
 

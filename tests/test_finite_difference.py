@@ -102,7 +102,7 @@ def _dense_by_functional_hessian(model, batches) -> torch.Tensor:
         params = dict(zip(names, [c.reshape(s) for c, s in zip(torch.split(w, [s.numel() for s in shapes]), shapes)]))
         return sum(F.cross_entropy(functional_call(model, params, (x,)), y) * (y.shape[0] / total) for x, y in batches)
 
-    return torch.autograd.functional.hessian(loss, flat)
+    return torch.autograd.functional.hessian(loss, flat, vectorize=True)  # batched rows, not a P-step loop
 
 
 @pytest.mark.parametrize("richardson, tolerance", [(False, 1e-6), (True, 1e-9)])

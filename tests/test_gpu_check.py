@@ -23,6 +23,11 @@ COLUMNS = ["step", "model", "row", "s / step", "x gradient", "peak MiB", "vs pyh
            "vs hessian_eigenthings", "vs curvlinops", "vs backpack"]
 
 
+#: one xdist worker runs the whole module (under ``pytest --dist loadgroup``), so its module fixtures
+#: are built once, not once per worker
+pytestmark = pytest.mark.xdist_group("gpu_check")
+
+
 def _table(markdown: str) -> list[list[str]]:
     lines = [ln for ln in markdown.splitlines() if ln.startswith("|")]
     return [[c.strip() for c in ln.strip("|").split("|")] for ln in lines]

@@ -44,7 +44,8 @@ def dense_hessian(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor)
         weights = {n: c.view_as(p) for n, c, p in zip(names, chunks, params)}
         return F.cross_entropy(functional_call(model, {**buffers, **weights}, (inputs,)), targets)
 
-    return torch.autograd.functional.hessian(loss, torch.cat([p.reshape(-1) for p in params]))
+    flat = torch.cat([p.reshape(-1) for p in params])
+    return torch.autograd.functional.hessian(loss, flat, vectorize=True)  # batched rows, not a P-step loop
 
 
 def _mlp(batch_norm: bool) -> nn.Module:

@@ -11,6 +11,7 @@ from curvature.errors import SuiteError
 from curvature.operators import HessianOperator, get_loss
 from curvature.training import load_checkpoint
 from experiments.run import dispatch
+from tests.cli_batch import run_batch
 from tests.conftest import make_cfg, run_cli
 
 SMALL = ["dataset=digits", "model=mlp", "model.hidden=[8]", "dataset.num_subsamples=200", "analysis.num_steps=30",
@@ -87,19 +88,34 @@ def test_spectrum_of_a_trained_checkpoint(tmp_path):
     load_checkpoint(ckpt, model)  # the checkpoint fits the model the spectrum was taken of
 
 
-@pytest.mark.parametrize("overrides,key", [
+BAD = [
     (["experiment=fig7"], "analysis.checkpoint"),
     (SMALL + ["analysis.compare_vectors=true"], "analysis.num_vectors"),
     (SMALL + ["analysis.operators=[hessian,kfac]"], "analysis.operators"),
     (SMALL + ["operator.bn_mode=frozen"], "operator.bn_mode"),
     (SMALL + ["analysis.checkpoint=/no/such.pt"], "analysis.checkpoint"),
-])
-def test_bad_network_spectrum_config(overrides, key, tmp_path):
-    proc = run_cli(*overrides, "logger=none", f"hydra.run.dir={tmp_path}")
+]
+
+
+@pytest.fixture(scope="module")
+def bad_runs(tmp_path_factory):
+    """The runs of BAD through the real CLI entry point, forked from one warmed-up interpreter
+    (tests/cli_batch.py): one interpreter start instead of five."""
+    root = tmp_path_factory.mktemp("bad_network")
+    rows = [{"id": f"bad{i}", "args": [*overrides, "logger=none"], "dir": str(root / f"bad{i}")}
+            for i, (overrides, _) in enumerate(BAD)]
+    return root, run_batch(rows, root / "batch")
+
+
+@pytest.mark.xdist_group("spectrum_network_bad_config")  # one worker builds the module fixture (--dist loadgroup)
+@pytest.mark.parametrize("overrides,key", BAD)
+def test_bad_network_spectrum_config(overrides, key, bad_runs):
+    row_id = f"bad{BAD.index((overrides, key))}"
+    folder, proc = bad_runs[0] / row_id, bad_runs[1][row_id]
     assert proc.returncode == 2, proc.stderr[-500:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and key in lines[0]
-    assert not (tmp_path / "results.json").exists()
+    assert not (folder / "results.json").exists()
 
 
 def test_checkpoint_of_another_model_fails_in_one_line(tmp_path):

@@ -9,6 +9,7 @@ from torch import nn
 from curvature.models import get_model
 from curvature.training import linear_decay_factor, load_checkpoint
 from experiments.run import dispatch
+from tests.cli_batch import run_batch
 from tests.conftest import make_cfg, run_cli
 
 
@@ -123,11 +124,24 @@ def test_nan_loss_stops_with_the_epoch_named(tmp_path):
     assert not (out / "results.json").exists()
 
 
-@pytest.mark.parametrize("override,key", [("analysis.epochs=0", "analysis.epochs"),
-                                          ("optimizer.lr=-1", "optimizer.lr"),
-                                          ("resume=/nonexistent.pt", "resume"),
-                                          ("dataset=wigner", "dataset")])
-def test_bad_training_config(override, key, tmp_path):
-    proc = run_cli("experiment=train_digits", override, "logger=none", f"hydra.run.dir={tmp_path}")
+BAD = [("analysis.epochs=0", "analysis.epochs"), ("optimizer.lr=-1", "optimizer.lr"),
+       ("resume=/nonexistent.pt", "resume"), ("dataset=wigner", "dataset")]
+
+
+@pytest.fixture(scope="module")
+def bad_runs(tmp_path_factory):
+    """The runs of BAD through the real CLI entry point, forked from one warmed-up interpreter
+    (tests/cli_batch.py): one interpreter start instead of four."""
+    root = tmp_path_factory.mktemp("bad_training")
+    rows = [{"id": f"bad{i}", "args": ["experiment=train_digits", override, "logger=none"], "dir": str(root / f"bad{i}")}
+            for i, (override, _) in enumerate(BAD)]
+    return root, run_batch(rows, root / "batch")
+
+
+@pytest.mark.xdist_group("train_bad_config")  # one worker builds the module fixture (--dist loadgroup)
+@pytest.mark.parametrize("override,key", BAD)
+def test_bad_training_config(override, key, bad_runs):
+    row_id = f"bad{BAD.index((override, key))}"
+    folder, proc = bad_runs[0] / row_id, bad_runs[1][row_id]
     assert proc.returncode == 2 and key in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "results.json").exists()
+    assert not (folder / "results.json").exists()
