@@ -341,20 +341,10 @@ class LinearMapRule(LayerRule):
         return v["bias"].expand(aux).contiguous() if out is None else out.view(aux)
 
     def _linear_r_backward(self, rg, g, rx, x, p, v, want, need_input) -> tuple:
-        """A linear map's R-backward, each pair of terms accumulated in one buffer (addmm)."""
-        grads = {}
-        if "weight" in want:
-            grads["weight"] = _rows(rg).T @ _rows(x)
-            if rx is not None:
-                grads["weight"].addmm_(_rows(g).T, _rows(rx))
-        if "bias" in want:
-            grads["bias"] = _rows(rg).sum(0)
-        if not need_input:
-            return None, grads
-        gi = _rows(rg) @ p["weight"]
-        if "weight" in v:
-            gi.addmm_(_rows(g), v["weight"])
-        return gi.view(x.shape), grads
+        """A linear map's R-backward (:func:`_linear_r_grads`)."""
+        gi, gw, gb = _linear_r_grads(rg, g, rx, x, p["weight"], v.get("weight"), "weight" in want,
+                                     "bias" in want, need_input)
+        return (None if gi is None else gi.view(x.shape)), self._named(gw, gb)
 
     def r_backward(self, rg, g, rx, x, aux, p, v, want, need_input):
         if not self.conv:
@@ -823,14 +813,12 @@ class MultiheadAttentionRule(LayerRule):
         go, gp, centred, gs = _b3(go), _b3(gp), _b3(centred), _b3(gs)
         rqkv, rp, ro = self._r_terms(rx, x, aux, p, v)
         aux.pop("r", None)
-        grads = self._grads(rg, None, x, aux["o"], want - _IN_PROJ)
-        if "out_proj.weight" in want and ro is not None:
-            grads["out_proj.weight"].addmm_(_rows(g).T, _rows(ro))
-        if not (need_input or want & _IN_PROJ):
+        rgo, gw, gb = _linear_r_grads(rg, g, ro, aux["o"], p["out_proj.weight"], v.get("out_proj.weight"),
+                                      "out_proj.weight" in want, "out_proj.bias" in want,
+                                      bool(need_input or want & _IN_PROJ))
+        grads = {k: t for k, t in (("out_proj.weight", gw), ("out_proj.bias", gb)) if t is not None}
+        if rgo is None:
             return None, grads
-        rgo = _rows(rg) @ p["out_proj.weight"]
-        if "out_proj.weight" in v:
-            rgo.addmm_(_rows(g), v["out_proj.weight"])
         rgo = _b3(self._heads(rgo.view(rg.shape)))
         rgp, rgv = torch.bmm(rgo, vv.transpose(-2, -1)), torch.bmm(prob.transpose(-2, -1), rgo)
         if rqkv is not None:
@@ -853,15 +841,10 @@ class MultiheadAttentionRule(LayerRule):
             rgk.mul_(self.scale)
         heads = shape[:-1] + (-1,)
         rgqkv = torch.stack([t.view(heads).transpose(-3, -2) for t in (rgq, rgk, rgv)], -3).flatten(-3)
-        grads.update(self._grads(None, rgqkv, x, None, want & _IN_PROJ))
-        if "in_proj_weight" in want and rx is not None:
-            grads["in_proj_weight"].addmm_(_rows(gqkv).T, _rows(rx))
-        if not need_input:
-            return None, grads
-        gi = _rows(rgqkv) @ p["in_proj_weight"]
-        if "in_proj_weight" in v:
-            gi.addmm_(_rows(gqkv), v["in_proj_weight"])
-        return gi.view(x.shape), grads
+        gi, gw, gb = _linear_r_grads(rgqkv, gqkv, rx, x, p["in_proj_weight"], v.get("in_proj_weight"),
+                                     "in_proj_weight" in want, "in_proj_bias" in want, need_input)
+        grads.update((k, t) for k, t in (("in_proj_weight", gw), ("in_proj_bias", gb)) if t is not None)
+        return (None if gi is None else gi.view(x.shape)), grads
 
 
 #: layer types and their rules; the first entry whose types match a layer is its rule
@@ -955,6 +938,26 @@ def _linear_r_rows(x, v_weight, rx, weight, v_bias) -> Optional[torch.Tensor]:
         else:
             out = _rows(inputs) @ w.T
     return out
+
+
+def _linear_r_grads(rg, g, rx, x, weight, v_weight, want_weight: bool, want_bias: bool,
+                    need_input: bool) -> tuple:
+    """The R-backward of ``y = x W^T + b`` from ``g = g_y``, ``rg = R{g_y}``, the input ``x`` and ``rx = R{x}``
+    (None: zero): ``R{g_W} = rg^T x + g^T rx``, ``R{g_b} = sum rg`` and, as rows, ``R{g_x} = rg W + g V_W``
+    (``v_weight`` None: zero), each pair of terms in one buffer (addmm); None for what is not asked for.
+    Used by the Linear rule and by attention's input and output projections."""
+    gw = gb = gi = None
+    if want_weight:
+        gw = _rows(rg).T @ _rows(x)
+        if rx is not None:
+            gw.addmm_(_rows(g).T, _rows(rx))
+    if want_bias:
+        gb = _rows(rg).sum(0)
+    if need_input:
+        gi = _rows(rg) @ weight
+        if v_weight is not None:
+            gi.addmm_(_rows(g), v_weight)
+    return gi, gw, gb
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
