@@ -51,11 +51,7 @@ def validate(cfg: DictConfig) -> dict:
          "histogram_bins": V.positive_int(cfg, "analysis.histogram_bins", "analysis.histogram_bins=60"),
          "tolerances": {k: V.positive_number(cfg, f"analysis.tolerances.{k}") for k in
                         ("wasserstein_ratio", "diagonal_max", "zero_mass", "zero_node", "max_differs")}}
-    checks = V.get(cfg, "analysis.checks", [])
-    if not (isinstance(checks, list) and all(c in CHECKS for c in checks)):
-        raise V.ConfigError("analysis.checks", checks, f"must be a list drawn from {', '.join(CHECKS)}",
-                            "analysis.checks=[lanczos_beats_diagonal]")
-    s["checks"] = checks
+    s["checks"] = V.choice_list(cfg, "analysis.checks", CHECKS, "analysis.checks=[lanczos_beats_diagonal]", default=[])
     if V.get(cfg, "dataset.kind", "matrix") == "matrix":
         if s["method"] in NETWORK_ONLY:
             raise V.ConfigError("analysis.method", s["method"], "needs a network on an image dataset; "

@@ -100,10 +100,7 @@ def validate(cfg: DictConfig) -> dict:
 
 
 def _losses(cfg: DictConfig, key: str) -> list[str]:
-    losses = V.get(cfg, key)
-    if not (isinstance(losses, list) and all(h in LOSS_KEYS for h in losses)):
-        raise V.ConfigError(key, losses, f"must be a list drawn from {', '.join(LOSS_KEYS)}", f"{key}=[mse]")
-    return losses
+    return V.choice_list(cfg, key, LOSS_KEYS, f"{key}=[mse]")
 
 
 def run(cfg: DictConfig) -> dict:

@@ -50,20 +50,15 @@ def validate(cfg: DictConfig) -> dict:
          "quadratic_tolerance": V.positive_number(cfg, "analysis.quadratic_tolerance", "analysis.quadratic_tolerance=0.1"),
          "check_t": V.positive_number(cfg, "analysis.check_t", "analysis.check_t=1e-3"),
          "check_tolerance": V.positive_number(cfg, "analysis.check_tolerance", "analysis.check_tolerance=1e-3"),
-         "figure_metrics": V.get(cfg, "analysis.figure_metrics")}
+         "figure_metrics": V.choice_list(cfg, "analysis.figure_metrics", ["loss", "accuracy"],
+                                         "analysis.figure_metrics=[loss,accuracy]", non_empty=True)}
     positions = V.get(cfg, "analysis.positions")
     if not (isinstance(positions, list) and positions and
             all(p == "near_zero" or (isinstance(p, int) and not isinstance(p, bool)) for p in positions)):
         raise V.ConfigError("analysis.positions", positions, "must be a list of integer indices into the ascending "
                             "Ritz values (-1 largest, 0 smallest) or near_zero", "analysis.positions=[-1,0,near_zero]")
-    randoms = V.get(cfg, "analysis.random_directions")
-    if not (isinstance(randoms, list) and all(r in ("gaussian", "filter") for r in randoms)):
-        raise V.ConfigError("analysis.random_directions", randoms, "must be a list drawn from gaussian, filter",
+    randoms = V.choice_list(cfg, "analysis.random_directions", ["gaussian", "filter"],
                             "analysis.random_directions=[gaussian,filter]")
-    if not (isinstance(s["figure_metrics"], list) and s["figure_metrics"]
-            and set(s["figure_metrics"]) <= {"loss", "accuracy"}):
-        raise V.ConfigError("analysis.figure_metrics", s["figure_metrics"], "must be a list drawn from loss, accuracy",
-                            "analysis.figure_metrics=[loss,accuracy]")
     s["positions"], s["random_directions"] = positions, randoms
     if len(s["operator"]["names"]) != 1:
         raise V.ConfigError("analysis.operators", s["operator"]["names"], "the landscape takes one operator",

@@ -31,10 +31,7 @@ from experiments import validate as V
 
 
 def validate_side_by_side(cfg: DictConfig) -> dict:
-    names = V.get(cfg, "analysis.peers", [])
-    if not (isinstance(names, list) and all(n in P.PEERS for n in names)):
-        raise V.ConfigError("analysis.peers", names, f"must be a list drawn from {', '.join(P.PEERS)}",
-                            "analysis.peers=[pyhessian,curvlinops]")
+    names = V.choice_list(cfg, "analysis.peers", P.PEERS, "analysis.peers=[pyhessian,curvlinops]", default=[])
     for name in names:  # explicitly asked for: a missing one is an error, not a silent skip
         why = P.missing(name)
         if why:

@@ -58,9 +58,8 @@ def validate_operator(cfg: DictConfig, finite_difference: bool = False) -> dict:
     ops = V.get(cfg, "analysis.operators", None)
     if ops is None:
         ops = [V.choice(cfg, "operator.name", list(OPERATORS), "operator=hessian")]
-    elif not (isinstance(ops, list) and ops and all(o in OPERATORS for o in ops)):
-        raise V.ConfigError("analysis.operators", ops, f"must be a list drawn from {', '.join(OPERATORS)}",
-                            "analysis.operators=[ggn,hessian]")
+    else:
+        ops = V.choice_list(cfg, "analysis.operators", OPERATORS, "analysis.operators=[ggn,hessian]", non_empty=True)
     params = V.get(cfg, "operator.params", None)
     if params is not None and not (isinstance(params, list) and all(isinstance(p, str) for p in params)):
         raise V.ConfigError("operator.params", params, "must be a list of glob patterns",

@@ -60,10 +60,7 @@ def validate(cfg: DictConfig) -> dict:
     if "hutchpp" in s["methods"] and s["num_matvecs"] < 3:
         raise V.ConfigError("analysis.num_matvecs", s["num_matvecs"], "Hutch++ needs at least 3 products "
                             "(sketch, range, complement)", "analysis.num_matvecs=24")
-    peers = V.get(cfg, "analysis.peers", [])
-    if not (isinstance(peers, list) and all(p in PEERS for p in peers)):
-        raise V.ConfigError("analysis.peers", peers, f"must be a list drawn from {', '.join(PEERS)}",
-                            "analysis.peers=[hessian_eigenthings]")
+    peers = V.choice_list(cfg, "analysis.peers", PEERS, "analysis.peers=[hessian_eigenthings]", default=[])
     s["peers"] = peers
     if V.get(cfg, "dataset.kind", "matrix") == "matrix":
         if peers:

@@ -103,6 +103,16 @@ def choice(cfg, key: str, options: Iterable[str], example: str | None = None) ->
     return value
 
 
+def choice_list(cfg, key: str, options: Iterable[str], example: str, default: Any = _MISSING,
+                non_empty: bool = False) -> list:
+    """A list whose every entry is one of ``options`` (``non_empty``: and at least one entry)."""
+    options = list(options)
+    value = get(cfg, key, default)
+    if not (isinstance(value, list) and (value or not non_empty) and all(v in options for v in value)):
+        raise ConfigError(key, value, f"must be a list drawn from {', '.join(map(str, options))}", example)
+    return value
+
+
 def boolean(cfg, key: str) -> bool:
     value = get(cfg, key)
     if not isinstance(value, bool):
